@@ -1,0 +1,113 @@
+"""The `encoding-service` command: serve, export the OpenAPI spec, write seeded weights."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from service import weights
+from service.config import Settings, describe
+from service.model import ModelError, seeded
+
+DEFAULT_SPEC = Path("openapi/openapi.json")
+
+
+def spec_document(settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document the service serves with these settings."""
+    from service import spec
+    from service.main import create_app, load
+
+    return spec.build(create_app(settings), load(settings).info)
+
+
+def spec_text(settings: Settings) -> str:
+    return json.dumps(spec_document(settings), indent=2, ensure_ascii=False) + "\n"
+
+
+def _serve(args: argparse.Namespace, settings: Settings) -> int:
+    import uvicorn
+
+    uvicorn.run(
+        "service.main:app",
+        host=args.host or settings.host,
+        port=settings.port if args.port is None else args.port,
+        workers=settings.workers if args.workers is None else args.workers,
+        log_level=settings.log_level,
+    )
+    return 0
+
+
+def _openapi(args: argparse.Namespace, _settings: Settings) -> int:
+    text = spec_text(Settings.model_construct())  # the default model, whatever the environment says
+    if args.check:
+        current = args.out.read_text() if args.out.exists() else ""
+        if current != text:
+            print(f"{args.out} is out of date; run: encoding-service openapi", file=sys.stderr)
+            return 1
+        print(f"{args.out} is up to date")
+        return 0
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(text)
+    print(f"wrote {args.out}")
+    return 0
+
+
+def _weights(args: argparse.Namespace, settings: Settings) -> int:
+    seed = settings.seed if args.seed is None else args.seed
+    input_dim = settings.input_dim if args.input_dim is None else args.input_dim
+    latent_dim = settings.latent_dim if args.latent_dim is None else args.latent_dim
+    try:
+        model = seeded(seed, input_dim, latent_dim)
+        weights.save(model, args.out)
+    except (ModelError, weights.WeightsError, OSError) as exc:
+        print(f"encoding-service: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}: seed {seed}, input_dim {input_dim}, latent_dim {latent_dim}, {model.fingerprint()}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    root = argparse.ArgumentParser(
+        prog="encoding-service",
+        description="Latent codes of binary vectors over HTTP. Settings come from ENCODER_* variables.",
+    )
+    commands = root.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
+    serve.add_argument("--host", help="address to listen on (default: ENCODER_HOST, 127.0.0.1)")
+    serve.add_argument("--port", type=int, help="port to listen on (default: ENCODER_PORT, 8000)")
+    serve.add_argument("--workers", type=int, help="worker processes (default: ENCODER_WORKERS, 1)")
+    serve.set_defaults(run=_serve)
+
+    openapi = commands.add_parser("openapi", help="write the OpenAPI spec of the default model")
+    openapi.add_argument("--out", type=Path, default=DEFAULT_SPEC, help=f"where to write it (default: {DEFAULT_SPEC})")
+    openapi.add_argument("--check", action="store_true", help="exit 1 if the file differs instead of writing it")
+    openapi.set_defaults(run=_openapi)
+
+    write = commands.add_parser("weights", help="write seeded weights to a .npz or .safetensors file")
+    write.add_argument("out", type=Path, help="file to write; the extension picks the format")
+    write.add_argument("--seed", type=int, help="seed (default: ENCODER_SEED, 0)")
+    write.add_argument("--input-dim", type=int, help="input width (default: ENCODER_INPUT_DIM, 5)")
+    write.add_argument("--latent-dim", type=int, help="code width (default: ENCODER_LATENT_DIM, 2)")
+    write.set_defaults(run=_weights)
+    return root
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        settings = Settings()
+    except ValidationError as exc:
+        print(f"encoding-service: invalid settings: {describe(exc)}", file=sys.stderr)
+        return 2
+    code: int = args.run(args, settings)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""The one settings object: every field can be set by an ENCODER_-prefixed environment variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Service settings. `ENCODER_SEED=7` sets `seed`, and so on for every field."""
+
+    model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="forbid", frozen=True)
+
+    seed: int = Field(default=0, ge=0, lt=2**63)
+    """Seed of the default weights, used when no weights file is given."""
+
+    input_dim: int = Field(default=5, ge=1, le=1_000_000)
+    """Width of an input row for seeded weights (a weights file brings its own)."""
+
+    latent_dim: int = Field(default=2, ge=1, le=65_536)
+    """Width of a code for seeded weights (a weights file brings its own)."""
+
+    weights: Path | None = None
+    """Path of a .npz or .safetensors weights file; when set it wins over the seed."""
+
+    max_rows: int = Field(default=10_000, ge=1)
+    """Most rows in one request."""
+
+    max_samples: int = Field(default=1_000, ge=1)
+    """Most VAE samples per row in one request."""
+
+    max_rows_x_samples: int = Field(default=100_000, ge=1)
+    """Most z vectors (rows x samples) in one VAE response."""
+
+    max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
+    """Largest request body in bytes; a larger one is refused with 413 before it is read."""
+
+    host: str = "127.0.0.1"
+    """Address `encoding-service serve` listens on (0.0.0.0 in the container image)."""
+
+    port: int = Field(default=8000, ge=0, le=65_535)
+    """Port `encoding-service serve` listens on."""
+
+    workers: int = Field(default=1, ge=1, le=64)
+    """Worker processes `encoding-service serve` starts."""
+
+    log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
+    """Log level of the server."""
+
+
+def describe(error: ValidationError) -> str:
+    """A settings error on one line, naming the environment variable and the problem."""
+    parts = []
+    for item in error.errors(include_url=False, include_input=False):
+        field = ".".join(str(part) for part in item["loc"])
+        parts.append(f"ENCODER_{field.upper()}: {item['msg']}")
+    return "; ".join(parts)

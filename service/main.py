@@ -1,0 +1,98 @@
+"""The application: `create_app(settings)` builds it; the lifespan loads and checks the model."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import TypedDict
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.routing import APIRoute
+from pydantic import ValidationError
+
+from service import __version__, spec, weights
+from service.config import Settings, describe
+from service.http import BodyLimit, OneLineStartupErrors, StartupError, validation_error_handler
+from service.model import ModelError, seeded
+from service.routes import Serving, router
+from service.schemas import Limits, ModelInfo
+
+
+class State(TypedDict):
+    serving: Serving
+
+
+def load(settings: Settings) -> Serving:
+    """The model the settings ask for, checked; StartupError (one line) when it cannot be served."""
+    if settings.weights is not None:
+        try:
+            model = weights.load(settings.weights)
+        except weights.WeightsError as exc:
+            raise StartupError(str(exc)) from None
+        for field in sorted({"input_dim", "latent_dim"} & settings.model_fields_set):
+            if getattr(settings, field) != getattr(model, field):
+                raise StartupError(
+                    f"weights file {str(settings.weights)!r}: {field} is {getattr(model, field)}, "
+                    f"but ENCODER_{field.upper()} is {getattr(settings, field)}"
+                )
+        source: dict[str, object] = {"source": "file", "seed": None, "file": settings.weights.name}
+    else:
+        try:
+            model = seeded(settings.seed, settings.input_dim, settings.latent_dim)
+        except ModelError as exc:
+            raise StartupError(f"seeded weights (ENCODER_SEED={settings.seed}): {exc}") from None
+        source = {"source": "seed", "seed": settings.seed, "file": None}
+    info = ModelInfo.model_validate(
+        {
+            "input_dim": model.input_dim,
+            "latent_dim": model.latent_dim,
+            **source,
+            "fingerprint": model.fingerprint(),
+            "parameters": {name: list(value.shape) for name, value in model.arrays().items()},
+            "limits": Limits.model_validate(settings.model_dump(include=set(Limits.model_fields))),
+        }
+    )
+    return Serving(model=model, info=info, settings=settings)
+
+
+def _operation_id(route: APIRoute) -> str:
+    """Operation ids are the handlers' names: encode_vae, model_info, ..."""
+    return route.name
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The service for these settings (by default, read from ENCODER_ environment variables)."""
+    settings = Settings() if settings is None else settings
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
+        loaded = load(settings)
+        app.openapi_schema = spec.build(app, loaded.info)
+        yield {"serving": loaded}
+
+    app = FastAPI(
+        title="encoding-service",
+        version=__version__,
+        summary="Latent codes of binary vectors: autoencoder bottlenecks and VAE samples.",
+        description=spec.DESCRIPTION,
+        lifespan=lifespan,
+        generate_unique_id_function=_operation_id,
+        openapi_tags=spec.TAGS,
+    )
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(OneLineStartupErrors)
+    return app
+
+
+def _from_environment() -> FastAPI:
+    try:
+        return create_app()
+    except ValidationError as exc:
+        sys.exit(f"encoding-service: invalid settings: {describe(exc)}")
+
+
+app = _from_environment()

@@ -1,0 +1,192 @@
+"""The model math: pure numpy, no HTTP.
+
+Two encoders share one input space of binary vectors x in {0, 1}^d:
+
+- the autoencoder bottleneck  codes = relu(x @ W + b)
+- the VAE encoder             mu = x @ W_mu + b_mu,  log_sigma = x @ W_ls + b_ls,
+                              z = mu + exp(log_sigma) * eps,  eps ~ N(0, I)
+
+The network learns log sigma, so sigma = exp(log_sigma) is positive by construction;
+`check_bounded` proves at load time that no binary input can overflow it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+Array = npt.NDArray[np.float64]
+
+# The arrays of a model, in the order the fingerprint hashes them and files list them.
+ARRAY_NAMES = (
+    "autoencoder.weight",
+    "autoencoder.bias",
+    "vae.mu.weight",
+    "vae.mu.bias",
+    "vae.log_sigma.weight",
+    "vae.log_sigma.bias",
+)
+
+# exp(t) is finite in float64 for t <= LOG_MAX; the KL needs exp(2 * log_sigma) finite.
+LOG_MAX = math.log(np.finfo(np.float64).max)  # 709.78...
+LOG_SIGMA_MAX = LOG_MAX / 2  # 354.89...
+# Worst-case outputs must stay this far below float64's largest value, a margin for rounding.
+BOUND_MAX = float(np.finfo(np.float64).max) / 16
+
+
+class ModelError(ValueError):
+    """Weights that cannot be served: inconsistent shapes, non-finite values, possible overflow."""
+
+
+@dataclass(frozen=True)
+class Model:
+    """All weights, float64. W matrices are (input_dim, latent_dim), biases (latent_dim,)."""
+
+    ae_weight: Array
+    ae_bias: Array
+    mu_weight: Array
+    mu_bias: Array
+    ls_weight: Array
+    ls_bias: Array
+
+    @property
+    def input_dim(self) -> int:
+        return int(self.ae_weight.shape[0])
+
+    @property
+    def latent_dim(self) -> int:
+        return int(self.ae_weight.shape[1])
+
+    def arrays(self) -> dict[str, Array]:
+        """The arrays by their file names, in ARRAY_NAMES order."""
+        values = (self.ae_weight, self.ae_bias, self.mu_weight, self.mu_bias, self.ls_weight, self.ls_bias)
+        return dict(zip(ARRAY_NAMES, values, strict=True))
+
+    @classmethod
+    def from_arrays(cls, arrays: dict[str, npt.ArrayLike]) -> Model:
+        """Build and check a model from arrays named as in ARRAY_NAMES (extra names are ignored)."""
+        missing = [name for name in ARRAY_NAMES if name not in arrays]
+        if missing:
+            raise ModelError(f"missing array {missing[0]!r} (a model needs {', '.join(ARRAY_NAMES)})")
+        values = []
+        for name in ARRAY_NAMES:
+            value = np.asarray(arrays[name])
+            if value.dtype.kind not in "biuf":
+                raise ModelError(f"array {name!r} has dtype {value.dtype}, expected a real number type")
+            values.append(np.ascontiguousarray(value, dtype=np.float64))
+        model = cls(*values)
+        model.check()
+        return model
+
+    def check(self) -> None:
+        """Raise ModelError unless the shapes agree, every value is finite and no input can overflow."""
+        arrays = self.arrays()
+        weight = self.ae_weight
+        if weight.ndim != 2 or 0 in weight.shape:
+            raise ModelError(f"array 'autoencoder.weight' has shape {weight.shape}, expected (input_dim, latent_dim)")
+        d, k = weight.shape
+        for name, value in arrays.items():
+            expected = (d, k) if name.endswith("weight") else (k,)
+            if value.shape != expected:
+                raise ModelError(f"array {name!r} has shape {value.shape}, expected {expected}")
+        for name, value in arrays.items():
+            if not np.isfinite(value).all():
+                index = tuple(int(i) for i in np.argwhere(~np.isfinite(value))[0])
+                raise ModelError(f"array {name!r} holds the non-finite value {value[index]} at {list(index)}")
+        check_bounded(self)
+
+    def fingerprint(self) -> str:
+        """sha256 over each array in ARRAY_NAMES order: name, NUL, shape, NUL, float64 little-endian bytes."""
+        digest = hashlib.sha256()
+        for name, value in self.arrays().items():
+            shape = ",".join(str(n) for n in value.shape)
+            digest.update(f"{name}\0{shape}\0".encode())
+            digest.update(np.ascontiguousarray(value, dtype="<f8").tobytes())
+        return "sha256:" + digest.hexdigest()
+
+
+def seeded(seed: int, input_dim: int, latent_dim: int) -> Model:
+    """The reproducible default weights: W, W_mu, W_ls ~ N(0, 1) / sqrt(d) in that order; zero biases."""
+    rng = np.random.default_rng(seed)
+    scale = math.sqrt(input_dim)
+    ae_weight, mu_weight, ls_weight = (rng.standard_normal((input_dim, latent_dim)) / scale for _ in range(3))
+    zeros = np.zeros(latent_dim)
+    model = Model(ae_weight, zeros, mu_weight, zeros.copy(), ls_weight, zeros.copy())
+    model.check()
+    return model
+
+
+def _extremes(weight: Array, bias: Array) -> tuple[Array, Array]:
+    """Smallest and largest of x @ weight + bias over all binary x, per latent: exact, not sampled."""
+    low = bias + np.minimum(weight, 0).sum(axis=0)  # (d, k) -> (k,)
+    high = bias + np.maximum(weight, 0).sum(axis=0)  # (d, k) -> (k,)
+    return low, high
+
+
+def check_bounded(model: Model) -> None:
+    """Prove that no binary input makes any output overflow float64, or raise ModelError.
+
+    For binary x the largest value of x @ W + b in latent j is b_j + sum_i max(W_ij, 0),
+    reached by x_i = 1 exactly where W_ij > 0, and the smallest is b_j + sum_i min(W_ij, 0).
+    So the check covers every one of the 2^d inputs without trying them.
+    """
+    _, ls_high = _extremes(model.ls_weight, model.ls_bias)
+    worst = int(np.argmax(ls_high))
+    if not ls_high[worst] <= LOG_SIGMA_MAX:
+        witness = (model.ls_weight[:, worst] > 0).astype(int).tolist()
+        raise ModelError(
+            f"log_sigma of latent {worst} reaches {ls_high[worst]:.6g} for the input {_short(witness)}, "
+            f"and exp(2 * log_sigma) overflows float64 above {LOG_SIGMA_MAX:.6g}"
+        )
+    ls_low, _ = _extremes(model.ls_weight, model.ls_bias)
+    mu_low, mu_high = _extremes(model.mu_weight, model.mu_bias)
+    _, ae_high = _extremes(model.ae_weight, model.ae_bias)
+    mu_abs = np.maximum(np.abs(mu_low), np.abs(mu_high))
+    ls_abs = np.maximum(np.abs(ls_low), np.abs(ls_high))
+    sigma = np.exp(ls_high)
+    # |eps| from numpy's normal sampler stays far below 64; the KL terms are bounded termwise.
+    bounds = {
+        "autoencoder codes": float(np.max(ae_high)),
+        "mu": float(np.max(mu_abs)),
+        "z": float(np.max(mu_abs + 64.0 * sigma)),
+        "kl": float(0.5 * np.sum(mu_abs**2 + sigma**2 + 1.0 + 2.0 * ls_abs)),
+    }
+    for output, bound in bounds.items():
+        if not bound <= BOUND_MAX:
+            raise ModelError(f"{output} can reach {bound:.6g} for some binary input, too close to float64 overflow")
+
+
+def _short(bits: list[int], keep: int = 16) -> str:
+    shown = ", ".join(str(b) for b in bits[:keep])
+    return f"[{shown}{', ...' if len(bits) > keep else ''}]"
+
+
+def autoencode(model: Model, x: Array) -> Array:
+    """Autoencoder codes relu(x @ W + b) for a batch x of shape (n, d)."""
+    h = x @ model.ae_weight  # (n, d) @ (d, k) -> (n, k)
+    h += model.ae_bias
+    return np.maximum(h, 0.0, out=h)
+
+
+@dataclass(frozen=True)
+class VaeCodes:
+    mu: Array  # (n, k)
+    log_sigma: Array  # (n, k)
+    z: Array  # (n, samples, k)
+    kl: Array  # (n,)
+
+
+def vae_encode(model: Model, x: Array, samples: int, seed: int) -> VaeCodes:
+    """mu, log_sigma, z = mu + exp(log_sigma) * eps with eps from default_rng(seed), and KL to N(0, I)."""
+    n, k = x.shape[0], model.latent_dim
+    mu = x @ model.mu_weight + model.mu_bias  # (n, d) @ (d, k) -> (n, k)
+    log_sigma = x @ model.ls_weight + model.ls_bias  # (n, d) @ (d, k) -> (n, k)
+    sigma = np.exp(log_sigma)  # (n, k), > 0
+    eps = np.random.default_rng(seed).standard_normal((n, samples, k))  # (n, s, k)
+    z = mu[:, None, :] + sigma[:, None, :] * eps  # (n, 1, k) + (n, 1, k) * (n, s, k) -> (n, s, k)
+    kl = 0.5 * np.sum(mu**2 + np.exp(2.0 * log_sigma) - 1.0 - 2.0 * log_sigma, axis=1)  # (n, k) -> (n,)
+    return VaeCodes(mu=mu, log_sigma=log_sigma, z=z, kl=kl)

@@ -1,0 +1,143 @@
+"""Thin handlers: decode the request into arrays, compute with service.model, encode the response."""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, Request, Response
+
+from service.config import Settings
+from service.http import OrjsonRoute, unprocessable
+from service.model import Array, Model, autoencode, vae_encode
+from service.schemas import (
+    SEED_LIMIT,
+    ArrayModel,
+    AutoencoderRequest,
+    AutoencoderResponse,
+    Health,
+    ModelInfo,
+    Problem,
+    Readiness,
+    VaeRequest,
+    VaeResponse,
+)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What the lifespan loaded: the model, its description, and the settings it was loaded with."""
+
+    model: Model
+    info: ModelInfo
+    settings: Settings
+
+
+def serving(request: Request) -> Serving:
+    """The loaded model, or 503 while there is none."""
+    loaded = getattr(request.state, "serving", None)
+    if loaded is None:
+        raise HTTPException(503, "the model is not loaded yet")
+    return loaded  # type: ignore[no-any-return]
+
+
+ServingDep = Annotated[Serving, Depends(serving)]
+
+CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    413: {"model": Problem, "description": "Over a limit: too many rows or samples, or too large a body."},
+    422: {"description": "Not a batch of 0/1 rows of the model's width; `loc` names the row and column."},
+}
+
+router = APIRouter(route_class=OrjsonRoute)
+
+
+def decode(inputs: Array, loaded: Serving, samples: int = 1) -> Array:
+    """Check a validated bit matrix against the model's width and the limits."""
+    limits = loaded.settings
+    rows, width = inputs.shape
+    if rows > limits.max_rows:
+        raise HTTPException(413, f"{rows} rows is more than the limit of {limits.max_rows} (ENCODER_MAX_ROWS)")
+    if samples > limits.max_samples:
+        raise HTTPException(
+            413, f"{samples} samples is more than the limit of {limits.max_samples} (ENCODER_MAX_SAMPLES)"
+        )
+    if rows * samples > limits.max_rows_x_samples:
+        raise HTTPException(
+            413,
+            f"{rows} rows x {samples} samples = {rows * samples} is more than the limit of "
+            f"{limits.max_rows_x_samples} (ENCODER_MAX_ROWS_X_SAMPLES)",
+        )
+    if width != loaded.model.input_dim:
+        raise unprocessable(
+            ["body", "inputs", 0], f"rows have {width} values, but the model's input_dim is {loaded.model.input_dim}"
+        )
+    return inputs
+
+
+def encode(response: ArrayModel) -> Response:
+    return Response(response.to_json(), media_type="application/json")
+
+
+@router.post(
+    "/v1/autoencoder/encode",
+    response_model=AutoencoderResponse,
+    responses=CLIENT_ERRORS,
+    tags=["v1"],
+    summary="Autoencoder codes of binary rows",
+)
+async def encode_autoencoder(request: AutoencoderRequest, loaded: ServingDep) -> Response:
+    """The deterministic bottleneck `relu(x @ W + b)` of each row: the same rows always give the same codes."""
+    x = decode(request.inputs, loaded)
+    codes = autoencode(loaded.model, x)
+    context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim}
+    return encode(AutoencoderResponse.model_validate({"codes": codes}, context=context))
+
+
+@router.post(
+    "/v1/vae/encode",
+    response_model=VaeResponse,
+    responses=CLIENT_ERRORS,
+    tags=["v1"],
+    summary="VAE posterior and samples of binary rows",
+)
+async def encode_vae(request: VaeRequest, loaded: ServingDep) -> Response:
+    """`mu`, `log_sigma` and `samples` draws of `z = mu + exp(log_sigma) * eps` per row, with the KL to N(0, I).
+
+    `eps = numpy.random.default_rng(seed).standard_normal((rows, samples, latent_dim))`: send the
+    returned `seed` back with the same rows and you get the same `z`, bit for bit, on any replica.
+    """
+    x = decode(request.inputs, loaded, request.samples)
+    seed = secrets.randbelow(SEED_LIMIT) if request.seed is None else request.seed
+    out = vae_encode(loaded.model, x, request.samples, seed)
+    fields = {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl, "seed": seed}
+    context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim, "samples": request.samples}
+    return encode(VaeResponse.model_validate(fields, context=context))
+
+
+@router.get("/v1/model", response_model=ModelInfo, tags=["v1"], summary="The served model")
+async def model_info(loaded: ServingDep) -> ModelInfo:
+    """Dimensions, where the weights came from, their fingerprint, parameter shapes and request limits."""
+    return loaded.info
+
+
+@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")
+async def healthz() -> Health:
+    """200 while the process serves HTTP at all."""
+    return Health()
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses={503: {"model": Readiness, "description": "The model is not loaded yet."}},
+    tags=["health"],
+    summary="Readiness",
+)
+async def readyz(request: Request, response: Response) -> Readiness:
+    """200 once the weights are loaded and checked, 503 before."""
+    loaded: Serving | None = getattr(request.state, "serving", None)
+    if loaded is None:
+        response.status_code = 503
+        return Readiness(status="loading")
+    return Readiness(status="ready", fingerprint=loaded.info.fingerprint)

@@ -1,0 +1,256 @@
+"""Request and response models.
+
+Bit matrices and float arrays are validated as whole numpy arrays, not element by element:
+`bits` turns a JSON array of rows into an (n, d) float64 matrix in one numpy call and only walks
+the rows, to say where, when something is wrong. Responses hold numpy arrays, are checked for
+shape and finiteness in one pass, and are written by orjson without lists of lists.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Annotated, Any, Literal
+
+import numpy as np
+import orjson
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    ValidationInfo,
+    WithJsonSchema,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
+
+from service.model import Array
+
+SEED_LIMIT = 2**63
+
+
+def _describe(value: Any) -> str:
+    """A short, JSON-safe description of a client's value, for error messages."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value) if abs(value) < 10**15 else "an integer that is neither 0 nor 1"
+    if isinstance(value, float):
+        return repr(value) if math.isfinite(value) else "a non-finite number"
+    kinds: dict[type, str] = {str: "a string", list: "an array", dict: "an object"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _is_bit(value: Any) -> bool:
+    # JSON booleans, and the numbers 0 and 1 (JSON Schema counts 1.0 as the number 1).
+    return value is True or value is False or (type(value) in (int, float) and value in (0, 1))
+
+
+def _bit_error(message: str, *where: int) -> PydanticCustomError:
+    """A validation error whose location gains the row (and column) it names."""
+    return PydanticCustomError("bits", message, {"where": list(where)})
+
+
+def parse_bits(value: Any) -> Array:
+    """A JSON array of rows of 0/1 values -> (n, d) float64 matrix, or an error naming row and column."""
+    if not isinstance(value, list):
+        raise _bit_error(f"expected an array of rows, got {_describe(value)}")
+    if not value:
+        raise _bit_error("expected at least one row, got an empty array")
+    try:
+        matrix = np.array(value)
+    except (ValueError, TypeError, OverflowError):  # ragged rows, or values numpy cannot hold
+        raise _explain(value) from None
+    fits = matrix.ndim == 2 and matrix.shape[1] > 0 and matrix.dtype.kind in "biuf"
+    if fits and ((matrix == 0) | (matrix == 1)).all():
+        return matrix.astype(np.float64)
+    raise _explain(value)
+
+
+def _explain(rows: list[Any]) -> PydanticCustomError:
+    """The first thing wrong with rows that failed the fast check, as an error naming where it is."""
+    for i, row in enumerate(rows):
+        if not isinstance(row, list):
+            return _bit_error(f"row {i}: expected an array of 0/1 values, got {_describe(row)}", i)
+        if not row:
+            return _bit_error(f"row {i}: expected 0/1 values, got an empty array", i)
+        for j, item in enumerate(row):
+            if not _is_bit(item):
+                return _bit_error(f"row {i}, column {j}: expected 0 or 1, got {_describe(item)}", i, j)
+    width = len(rows[0])
+    for i, row in enumerate(rows):
+        if len(row) != width:
+            return _bit_error(f"row {i}: has {len(row)} values, but row 0 has {width}", i)
+    return _bit_error("expected an array of rows of 0/1 values")  # pragma: no cover - the fast check agrees
+
+
+def _json_int(value: Any) -> Any:
+    """Integers as JSON Schema counts them: 3 and 3.0, but not "3" and not true."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise PydanticCustomError("int_type", "expected an integer, got {kind}", {"kind": _describe(value)})
+    if isinstance(value, float):
+        if not value.is_integer():
+            raise PydanticCustomError("int_from_float", "expected an integer, got {value}", {"value": value})
+        return int(value)
+    return value
+
+
+Seed = Annotated[
+    int,
+    Field(ge=0, le=SEED_LIMIT - 1),
+    BeforeValidator(_json_int),
+    WithJsonSchema({"type": "integer", "minimum": 0, "maximum": SEED_LIMIT - 1}),
+]
+Samples = Annotated[int, Field(ge=1), BeforeValidator(_json_int), WithJsonSchema({"type": "integer", "minimum": 1})]
+
+_BIT_SCHEMA = {"enum": [0, 1, False, True], "description": "0 or 1 (the booleans false and true count too)"}
+
+BitMatrix = Annotated[
+    Array,
+    PlainValidator(parse_bits),
+    WithJsonSchema(
+        {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "array", "minItems": 1, "items": _BIT_SCHEMA},
+            "description": "Rows of 0/1 values, each row as wide as the model's input_dim.",
+        }
+    ),
+]
+
+
+def _nested_numbers(ndim: int, description: str) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "number"}
+    for _ in range(ndim):
+        schema = {"type": "array", "items": schema}
+    return schema | {"description": description}
+
+
+def _finite(ndim: int) -> Any:
+    def check(value: Any) -> Array:
+        if not isinstance(value, np.ndarray) or value.ndim != ndim or value.dtype != np.float64:
+            raise ValueError(f"expected a float64 array with {ndim} dimensions")
+        if not np.isfinite(value).all():
+            raise ValueError("holds a non-finite number")
+        return value
+
+    return PlainValidator(check)
+
+
+class ArrayModel(BaseModel):
+    """A response that holds numpy arrays and writes itself as JSON in one orjson pass."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(self.__dict__, option=orjson.OPT_SERIALIZE_NUMPY)
+
+    @model_validator(mode="after")
+    def _rows_agree(self, info: ValidationInfo) -> ArrayModel:
+        """Every array has one entry per input row, and as many samples as asked (from the context)."""
+        expected = info.context or {}
+        for name, value in self.__dict__.items():
+            if isinstance(value, np.ndarray):
+                if "rows" in expected and value.shape[0] != expected["rows"]:
+                    raise ValueError(f"{name} has {value.shape[0]} rows, expected {expected['rows']}")
+                if value.ndim >= 2 and "latent_dim" in expected and value.shape[-1] != expected["latent_dim"]:
+                    raise ValueError(f"{name} has width {value.shape[-1]}, expected {expected['latent_dim']}")
+        return self
+
+
+class AutoencoderRequest(BaseModel):
+    """A batch of binary rows to encode."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]]}]},
+    )
+
+    inputs: BitMatrix
+
+
+class VaeRequest(BaseModel):
+    """A batch of binary rows to encode with the VAE, with how many samples of z to draw per row."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"inputs": [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]], "samples": 2, "seed": 42}]},
+    )
+
+    inputs: BitMatrix
+    samples: Samples = Field(default=1, description="Samples of z per row.")
+    seed: Seed | None = Field(
+        default=None,
+        description="Seed of eps; leave it out and the server draws one and returns it.",
+    )
+
+
+class AutoencoderResponse(ArrayModel):
+    """Autoencoder codes relu(x @ W + b), one row per input row."""
+
+    codes: Annotated[Array, _finite(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim codes, all >= 0"))]
+
+
+class VaeResponse(ArrayModel):
+    """VAE posterior parameters, samples of z, and the KL divergence to N(0, I), per input row."""
+
+    mu: Annotated[Array, _finite(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim means"))]
+    log_sigma: Annotated[
+        Array, _finite(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim log standard deviations"))
+    ]
+    z: Annotated[
+        Array,
+        _finite(3),
+        WithJsonSchema(_nested_numbers(3, "rows x samples x latent_dim samples, z = mu + exp(log_sigma) * eps")),
+    ]
+    kl: Annotated[Array, _finite(1), WithJsonSchema(_nested_numbers(1, "KL(q(z|x) || N(0, I)) per row"))]
+    seed: Seed = Field(description="The seed of eps; send it back to reproduce z exactly.")
+
+    @model_validator(mode="after")
+    def _samples_agree(self, info: ValidationInfo) -> VaeResponse:
+        expected = info.context or {}
+        if self.mu.shape != self.log_sigma.shape or self.z.shape[::2] != self.mu.shape:
+            raise ValueError(f"shapes disagree: mu {self.mu.shape}, log_sigma {self.log_sigma.shape}, z {self.z.shape}")
+        if "samples" in expected and self.z.shape[1] != expected["samples"]:
+            raise ValueError(f"z has {self.z.shape[1]} samples per row, expected {expected['samples']}")
+        return self
+
+
+class Limits(BaseModel):
+    max_rows: int = Field(description="Most rows in one request.")
+    max_samples: int = Field(description="Most VAE samples per row.")
+    max_rows_x_samples: int = Field(description="Most z vectors (rows x samples) in one VAE response.")
+    max_body_bytes: int = Field(description="Largest request body, in bytes.")
+
+
+class ModelInfo(BaseModel):
+    """What the service serves: dimensions, where the weights came from, and their fingerprint."""
+
+    input_dim: int = Field(description="Width of an input row.")
+    latent_dim: int = Field(description="Width of a code.")
+    source: Literal["seed", "file"] = Field(
+        description="Whether the weights were drawn from a seed or read from a file."
+    )
+    seed: int | None = Field(description="The seed of the weights, when drawn from one.")
+    file: str | None = Field(description="The weights file's name, when read from one.")
+    fingerprint: str = Field(description="sha256 over the arrays' float64 bytes; equal weights, equal fingerprint.")
+    parameters: dict[str, list[int]] = Field(description="Shape of each array, by its name in a weights file.")
+    limits: Limits
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "loading"]
+    fingerprint: str | None = Field(default=None, description="The served model's fingerprint once it is loaded.")
+
+
+class Problem(BaseModel):
+    """A client error that is not about one field: too large, wrong content type, not ready."""
+
+    detail: str
