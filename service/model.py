@@ -34,8 +34,8 @@ ARRAY_NAMES = (
 # exp(t) is finite in float64 for t <= LOG_MAX; the KL needs exp(2 * log_sigma) finite.
 LOG_MAX = math.log(np.finfo(np.float64).max)  # 709.78...
 LOG_SIGMA_MAX = LOG_MAX / 2  # 354.89...
-# Worst-case outputs must stay this far below float64's largest value, a margin for rounding.
-BOUND_MAX = float(np.finfo(np.float64).max) / 16
+EPS = float(np.finfo(np.float64).eps)
+FLOAT_MAX = float(np.finfo(np.float64).max)
 
 
 class ModelError(ValueError):
@@ -120,11 +120,17 @@ def seeded(seed: int, input_dim: int, latent_dim: int) -> Model:
     return model
 
 
-def _extremes(weight: Array, bias: Array) -> tuple[Array, Array]:
-    """Smallest and largest of x @ weight + bias over all binary x, per latent: exact, not sampled."""
+def _extremes(layer: str, weight: Array, bias: Array) -> tuple[Array, Array]:
+    """Smallest and largest of x @ weight + bias over all binary x, per latent, widened by the most
+    that rounding can add when computing x @ weight + bias (a forward error bound)."""
+    magnitude = np.abs(bias) + np.abs(weight).sum(axis=0)  # (d, k) -> (k,)
+    if not np.isfinite(magnitude).all():
+        latent = int(np.argmin(np.isfinite(magnitude)))
+        raise ModelError(f"{layer}: |bias| plus the sum of |weights| of latent {latent} overflows float64")
     low = bias + np.minimum(weight, 0).sum(axis=0)  # (d, k) -> (k,)
     high = bias + np.maximum(weight, 0).sum(axis=0)  # (d, k) -> (k,)
-    return low, high
+    rounding = (weight.shape[0] + 2) * EPS * magnitude
+    return low - rounding, high + rounding
 
 
 def check_bounded(model: Model) -> None:
@@ -132,32 +138,36 @@ def check_bounded(model: Model) -> None:
 
     For binary x the largest value of x @ W + b in latent j is b_j + sum_i max(W_ij, 0),
     reached by x_i = 1 exactly where W_ij > 0, and the smallest is b_j + sum_i min(W_ij, 0).
-    So the check covers every one of the 2^d inputs without trying them.
+    So the check covers every one of the 2^d inputs without trying them, rounding included.
     """
-    _, ls_high = _extremes(model.ls_weight, model.ls_bias)
-    worst = int(np.argmax(ls_high))
-    if not ls_high[worst] <= LOG_SIGMA_MAX:
-        witness = (model.ls_weight[:, worst] > 0).astype(int).tolist()
-        raise ModelError(
-            f"log_sigma of latent {worst} reaches {ls_high[worst]:.6g} for the input {_short(witness)}, "
-            f"and exp(2 * log_sigma) overflows float64 above {LOG_SIGMA_MAX:.6g}"
-        )
-    ls_low, _ = _extremes(model.ls_weight, model.ls_bias)
-    mu_low, mu_high = _extremes(model.mu_weight, model.mu_bias)
-    _, ae_high = _extremes(model.ae_weight, model.ae_bias)
-    mu_abs = np.maximum(np.abs(mu_low), np.abs(mu_high))
-    ls_abs = np.maximum(np.abs(ls_low), np.abs(ls_high))
-    sigma = np.exp(ls_high)
-    # |eps| from numpy's normal sampler stays far below 64; the KL terms are bounded termwise.
-    bounds = {
-        "autoencoder codes": float(np.max(ae_high)),
-        "mu": float(np.max(mu_abs)),
-        "z": float(np.max(mu_abs + 64.0 * sigma)),
-        "kl": float(0.5 * np.sum(mu_abs**2 + sigma**2 + 1.0 + 2.0 * ls_abs)),
-    }
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing bound is inf or nan: refused below
+        ls_low, ls_high = _extremes("vae.log_sigma", model.ls_weight, model.ls_bias)
+        worst = int(np.argmax(ls_high))
+        if not ls_high[worst] <= LOG_SIGMA_MAX:
+            witness = model.ls_weight[:, worst] > 0
+            reached = float(model.ls_bias[worst] + model.ls_weight[witness, worst].sum())
+            where = f"for the input {_short(witness.astype(int).tolist())}"
+            if reached <= LOG_SIGMA_MAX:
+                where = f"with rounding, as it comes within {LOG_SIGMA_MAX - reached:.3g} of the limit"
+            raise ModelError(
+                f"log_sigma of latent {worst} reaches {reached:.9g} {where}, "
+                f"and exp(2 * log_sigma) overflows float64 above {LOG_SIGMA_MAX:.9g}"
+            )
+        mu_low, mu_high = _extremes("vae.mu", model.mu_weight, model.mu_bias)
+        _, ae_high = _extremes("autoencoder", model.ae_weight, model.ae_bias)
+        mu_abs = np.maximum(np.abs(mu_low), np.abs(mu_high))
+        ls_abs = np.maximum(np.abs(ls_low), np.abs(ls_high))
+        k = model.latent_dim
+        # numpy's ziggurat normal sampler cannot return |eps| above about 14, far below 64.
+        bounds = {
+            "autoencoder codes": float(np.max(ae_high)),
+            "mu": float(np.max(mu_abs)),
+            "z": float(np.max(mu_abs + 64.0 * np.exp(ls_high))) * (1 + 4 * EPS),
+            "kl": float(np.sum(mu_abs**2 + np.exp(2.0 * ls_high) + 1.0 + 2.0 * ls_abs)) * (1 + (k + 4) * EPS),
+        }
     for output, bound in bounds.items():
-        if not bound <= BOUND_MAX:
-            raise ModelError(f"{output} can reach {bound:.6g} for some binary input, too close to float64 overflow")
+        if not bound <= FLOAT_MAX:
+            raise ModelError(f"{output} can overflow float64 for some binary input (bound {bound:.6g})")
 
 
 def _short(bits: list[int], keep: int = 16) -> str:

@@ -1,0 +1,112 @@
+"""Shared fixtures: an in-process client, and real uvicorn processes on free loopback ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.main import create_app
+
+ROOT = Path(__file__).resolve().parent.parent
+# uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal: exit status -15 (143 in a shell).
+CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+@pytest.fixture
+def client() -> Iterator[TestClient]:
+    """The default service (seed 0, 5 -> 2), in-process, lifespan run."""
+    with TestClient(create_app(Settings())) as test_client:
+        yield test_client
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def server_env(**settings: str) -> dict[str, str]:
+    """The environment with no ENCODER_ variables but those given."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
+    env.update({f"ENCODER_{k.upper()}": v for k, v in settings.items()})
+    return env
+
+
+@dataclass
+class Server:
+    process: subprocess.Popen[bytes]
+    url: str
+    log: IO[bytes]
+
+    def stop(self) -> int:
+        """SIGTERM by PID, then SIGKILL if it lingers; the exit code."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+    def output(self) -> str:
+        """What the server wrote to stderr so far."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+
+def start_server(command: list[str] | None = None, timeout: float = 20.0, **settings: str) -> Server:
+    """Start `uvicorn service.main:app` (or `command` with {port}) and wait for /readyz to answer 200."""
+    port = free_port()
+    argv = command or [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", "{port}"]
+    argv = [part.replace("{port}", str(port)) for part in argv]
+    log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Server.stop; a file, not a pipe, never blocks
+    process = subprocess.Popen(argv, cwd=ROOT, env=server_env(**settings), stdout=subprocess.DEVNULL, stderr=log)
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = server.output()
+            server.stop()
+            raise RuntimeError(f"server exited with {process.returncode}: {output}")
+        try:
+            if httpx.get(f"{server.url}/readyz", timeout=1).status_code == 200:
+                return server
+        except httpx.TransportError:
+            pass
+        time.sleep(0.05)
+    server.stop()
+    raise RuntimeError("server did not become ready")
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[Server]:
+    """A real uvicorn process serving the default model."""
+    server = start_server()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def run_app(timeout: float = 20.0, **settings: str) -> subprocess.CompletedProcess[str]:
+    """Run `uvicorn service.main:app` expecting it to refuse to start; its exit code and output."""
+    port = str(free_port())
+    argv = [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", port]
+    return subprocess.run(argv, cwd=ROOT, env=server_env(**settings), capture_output=True, text=True, timeout=timeout)

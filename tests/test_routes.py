@@ -1,0 +1,184 @@
+"""The HTTP API in-process: results, reproducibility, and a clear 4xx for every client mistake."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pytest
+from fastapi import Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.testclient import TestClient
+
+from service.config import Settings
+from service.http import validation_error_handler
+from service.main import create_app
+from service.model import autoencode, seeded, vae_encode
+
+ROWS = [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
+MODEL = seeded(0, 5, 2)
+
+
+def test_autoencoder_codes_match_the_model(client: TestClient) -> None:
+    response = client.post("/v1/autoencoder/encode", json={"inputs": ROWS})
+    assert response.status_code == 200
+    assert response.headers["content-type"] == "application/json"
+    codes = response.json()["codes"]
+    np.testing.assert_array_equal(codes, autoencode(MODEL, np.array(ROWS, dtype=np.float64)))
+
+
+def test_vae_with_a_seed_is_reproducible_bit_for_bit(client: TestClient) -> None:
+    body = {"inputs": ROWS, "samples": 4, "seed": 42}
+    first = client.post("/v1/vae/encode", json=body).json()
+    second = client.post("/v1/vae/encode", json=body).json()
+    assert first == second
+    expected = vae_encode(MODEL, np.array(ROWS, dtype=np.float64), 4, 42)
+    assert first["seed"] == 42
+    np.testing.assert_array_equal(first["z"], expected.z)  # JSON floats round-trip exactly
+    np.testing.assert_array_equal(first["mu"], expected.mu)
+    np.testing.assert_array_equal(first["log_sigma"], expected.log_sigma)
+    np.testing.assert_array_equal(first["kl"], expected.kl)
+    assert np.array(first["z"]).shape == (3, 4, 2)
+
+
+def test_vae_without_a_seed_returns_the_seed_it_drew(client: TestClient) -> None:
+    first = client.post("/v1/vae/encode", json={"inputs": ROWS, "samples": 2}).json()
+    second = client.post("/v1/vae/encode", json={"inputs": ROWS, "samples": 2, "seed": None}).json()
+    assert first["seed"] != second["seed"]  # 2**-63 odds of a false failure
+    again = client.post("/v1/vae/encode", json={"inputs": ROWS, "samples": 2, "seed": first["seed"]}).json()
+    assert again == first
+
+
+def test_concurrent_requests_do_not_share_a_random_state(client: TestClient) -> None:
+    expected = {seed: client.post("/v1/vae/encode", json={"inputs": ROWS, "seed": seed}).json() for seed in range(8)}
+    with ThreadPoolExecutor(8) as pool:
+        results = list(
+            pool.map(
+                lambda seed: (seed, client.post("/v1/vae/encode", json={"inputs": ROWS, "seed": seed}).json()),
+                [s % 8 for s in range(64)],
+            )
+        )
+    for seed, result in results:
+        assert result == expected[seed]
+
+
+def test_model_info(client: TestClient) -> None:
+    info = client.get("/v1/model").json()
+    assert info["input_dim"] == 5
+    assert info["latent_dim"] == 2
+    assert (info["source"], info["seed"], info["file"]) == ("seed", 0, None)
+    assert info["fingerprint"] == MODEL.fingerprint()
+    assert info["parameters"]["vae.log_sigma.weight"] == [5, 2]
+    assert info["limits"]["max_rows"] == Settings().max_rows
+
+
+def test_health_and_readiness(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready", "fingerprint": MODEL.fingerprint()}
+
+
+def test_without_the_lifespan_the_service_is_not_ready() -> None:
+    client = TestClient(create_app(Settings()))  # no `with`: the lifespan never ran
+    assert client.get("/healthz").status_code == 200
+    response = client.get("/readyz")
+    assert response.status_code == 503
+    assert response.json()["status"] == "loading"
+    response = client.post("/v1/autoencoder/encode", json={"inputs": ROWS})
+    assert response.status_code == 503
+    assert response.json() == {"detail": "the model is not loaded yet"}
+
+
+def _post(client: TestClient, path: str, content: bytes, content_type: str | None = "application/json") -> Any:
+    headers = {"content-type": content_type} if content_type else {}
+    return client.post(path, content=content, headers=headers)
+
+
+@pytest.mark.parametrize("path", ["/v1/autoencoder/encode", "/v1/vae/encode"])
+@pytest.mark.parametrize(
+    ("body", "loc", "words"),
+    [
+        (b'{"inputs": []}', ["body", "inputs"], "at least one row"),
+        (b'{"inputs": [[0, 1, 1, 0]]}', ["body", "inputs", 0], "rows have 4 values, but the model's input_dim is 5"),
+        (b'{"inputs": [[0, 1, 1, 0, 1], [0, 1]]}', ["body", "inputs", 1], "row 1: has 2 values, but row 0 has 5"),
+        (b'{"inputs": [[0, 1, 1, 0, 7]]}', ["body", "inputs", 0, 4], "row 0, column 4: expected 0 or 1, got 7"),
+        (b'{"inputs": [[0, 1, 1, 0, null]]}', ["body", "inputs", 0, 4], "got null"),
+        (b'{"inputs": [[0, 1, 1, 0, 1e999]]}', ["body", 25], "invalid JSON at character 25"),
+        (b'{"inputs": [[0, 1, 1, 0, NaN]]}', ["body", 25], "invalid JSON at character 25"),
+        (b'{"inputs": [[0, 1, 1, 0, Infinity]]}', ["body", 25], "invalid JSON"),
+        (b'{"inputs": [[0, 1, 1, 0, 1]', ["body", 27], "invalid JSON"),
+        (b'{"inputs": "\xff\xfe"}', ["body", 0], "invalid JSON at character 0: str is not valid UTF-8"),
+        (b"[1, 2]", ["body"], "expected a JSON object"),
+        (b"null", ["body"], ""),
+        (b"{}", ["body", "inputs"], "Field required"),
+        (b'{"inputs": [[0, 1, 1, 0, 1]], "extra": 1}', ["body", "extra"], "Extra inputs are not permitted"),
+    ],
+)
+def test_bad_bodies_get_422_naming_where(
+    client: TestClient, path: str, body: bytes, loc: list[Any], words: str
+) -> None:
+    response = _post(client, path, body)
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"]
+    assert detail[0]["loc"] == loc
+    assert words in detail[0]["msg"]
+    assert "input" not in detail[0]  # nothing the client sent is echoed back
+
+
+def test_a_body_that_is_not_json_says_so(client: TestClient) -> None:
+    for content_type in ("text/plain", None, "application/x-www-form-urlencoded"):
+        response = _post(client, "/v1/autoencoder/encode", b'{"inputs": [[0, 1, 1, 0, 1]]}', content_type)
+        assert response.status_code == 422
+        assert "Content-Type: application/json" in response.json()["detail"][0]["msg"]
+
+
+def test_a_non_finite_input_cannot_break_the_error_response() -> None:
+    # FastAPI's default handler echoes the input; a NaN there would make the error response itself fail.
+    # orjson refuses NaN in a body (see above), so feed the handler one directly.
+    error = RequestValidationError([{"type": "x", "loc": ("body", "samples"), "msg": "bad", "input": math.nan}])
+    response = asyncio.run(validation_error_handler(Request({"type": "http"}), error))
+    assert response.status_code == 422
+    assert json.loads(response.body) == {"detail": [{"type": "x", "loc": ["body", "samples"], "msg": "bad"}]}
+
+
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({"inputs": [[0, 1, 1, 0, 1]] * 11}, "11 rows is more than the limit of 10 (ENCODER_MAX_ROWS)"),
+        ({"inputs": [[0, 1, 1, 0, 1]], "samples": 6}, "6 samples is more than the limit of 5 (ENCODER_MAX_SAMPLES)"),
+        ({"inputs": [[0, 1, 1, 0, 1]] * 5, "samples": 5}, "5 rows x 5 samples = 25 is more than the limit of 20"),
+    ],
+)
+def test_limits_give_413_with_the_limit(body: dict[str, Any], words: str) -> None:
+    settings = Settings(max_rows=10, max_samples=5, max_rows_x_samples=20)
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/vae/encode", json=body)
+    assert response.status_code == 413
+    assert words in response.json()["detail"]
+
+
+def test_a_body_over_the_size_limit_is_refused_before_it_is_read() -> None:
+    with TestClient(create_app(Settings(max_body_bytes=100))) as client:
+        body = b'{"inputs": [' + b"[0, 1, 1, 0, 1], " * 10 + b"[0, 1, 1, 0, 1]]}"
+        response = _post(client, "/v1/autoencoder/encode", body)
+        assert response.status_code == 413
+        assert response.json() == {
+            "detail": "request body is larger than the limit of 100 bytes (ENCODER_MAX_BODY_BYTES)"
+        }
+
+        def chunks() -> Any:  # no Content-Length: counted while it streams
+            yield body[:60]
+            yield body[60:]
+
+        response = client.post("/v1/autoencoder/encode", content=chunks(), headers={"content-type": "application/json"})
+        assert response.status_code == 413
+        assert "limit of 100 bytes" in response.json()["detail"]
+        assert client.post("/v1/autoencoder/encode", json={"inputs": ROWS[:1]}).status_code == 200
+
+
+def test_unknown_paths_and_methods(client: TestClient) -> None:
+    assert client.get("/v1/nothing").status_code == 404
+    assert client.get("/v1/vae/encode").status_code == 405

@@ -1,0 +1,61 @@
+"""The committed OpenAPI spec is what the app serves, and it is written for someone exploring it."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from service.cli import DEFAULT_SPEC, spec_text
+from service.config import Settings
+from tests.conftest import ROOT
+
+COMMITTED = ROOT / DEFAULT_SPEC
+
+
+def test_committed_spec_is_what_the_app_serves(client: TestClient) -> None:
+    committed = json.loads(COMMITTED.read_text())
+    assert committed == client.get("/openapi.json").json(), "run: encoding-service openapi"
+    assert COMMITTED.read_text() == spec_text(Settings.model_construct()), "run: encoding-service openapi"
+
+
+def _operations(spec: dict[str, Any]) -> list[tuple[str, str, dict[str, Any]]]:
+    return [(path, method, op) for path, item in spec["paths"].items() for method, op in item.items()]
+
+
+def test_every_operation_is_documented() -> None:
+    spec = json.loads(COMMITTED.read_text())
+    ids = set()
+    for path, method, op in _operations(spec):
+        assert op.get("summary"), f"{method} {path} has no summary"
+        assert op.get("description"), f"{method} {path} has no description"
+        ids.add(op["operationId"])
+    assert {"encode_autoencoder", "encode_vae", "model_info", "healthz", "readyz"} <= ids
+
+
+def test_every_body_example_works_as_it_stands(client: TestClient) -> None:
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for path, method, op in _operations(spec):
+        if "requestBody" not in op:
+            continue
+        ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+        examples = schemas[ref.rsplit("/", 1)[1]]["examples"]
+        assert examples, f"{method} {path} has no example"
+        for example in examples:
+            response = client.request(method, path, json=example)
+            assert response.status_code == 200, (path, response.text)
+
+
+def test_row_widths_and_limits_are_in_the_schema() -> None:
+    schemas = json.loads(COMMITTED.read_text())["components"]["schemas"]
+    inputs = schemas["VaeRequest"]["properties"]["inputs"]
+    assert (inputs["minItems"], inputs["maxItems"]) == (1, Settings().max_rows)
+    assert inputs["items"]["minItems"] == inputs["items"]["maxItems"] == 5
+    assert inputs["items"]["items"]["enum"] == [0, 1, False, True]
+    seed = schemas["VaeRequest"]["properties"]["seed"]["anyOf"][0]
+    assert (seed["minimum"], seed["maximum"]) == (0, 2**63 - 1)
+    z = schemas["VaeResponse"]["properties"]["z"]
+    assert z["items"]["items"]["minItems"] == z["items"]["items"]["maxItems"] == 2
+    assert schemas["AutoencoderResponse"]["properties"]["codes"]["items"]["items"]["minimum"] == 0
