@@ -44,9 +44,13 @@ def serving(request: Request) -> Serving:
 
 ServingDep = Annotated[Serving, Depends(serving)]
 
+NOT_READY: dict[int | str, dict[str, Any]] = {
+    503: {"model": Problem, "description": "The model is not loaded yet."},
+}
 CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
     413: {"model": Problem, "description": "Over a limit: too many rows or samples, or too large a body."},
     422: {"description": "Not a batch of 0/1 rows of the model's width; `loc` names the row and column."},
+    **NOT_READY,
 }
 
 router = APIRouter(route_class=OrjsonRoute)
@@ -115,7 +119,7 @@ async def encode_vae(request: VaeRequest, loaded: ServingDep) -> Response:
     return encode(VaeResponse.model_validate(fields, context=context))
 
 
-@router.get("/v1/model", response_model=ModelInfo, tags=["v1"], summary="The served model")
+@router.get("/v1/model", response_model=ModelInfo, responses=NOT_READY, tags=["v1"], summary="The served model")
 async def model_info(loaded: ServingDep) -> ModelInfo:
     """Dimensions, where the weights came from, their fingerprint, parameter shapes and request limits."""
     return loaded.info
