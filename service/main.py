@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from service import __version__, spec, weights
 from service.config import Settings, describe
+from service.docs import add_docs
 from service.http import BodyLimit, OneLineStartupErrors, StartupError, validation_error_handler
 from service.model import ModelError, seeded
 from service.routes import Serving, router
@@ -80,8 +81,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
         generate_unique_id_function=_operation_id,
         openapi_tags=spec.TAGS,
+        docs_url=None,  # service.docs serves /docs and /redoc without any outside host
+        redoc_url=None,
     )
     app.include_router(router)
+    add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(OneLineStartupErrors)
