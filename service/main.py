@@ -15,9 +15,9 @@ from pydantic import ValidationError
 from service import __version__, spec, weights
 from service.config import Settings, describe
 from service.docs import add_docs
-from service.http import BodyLimit, OneLineStartupErrors, StartupError, validation_error_handler
+from service.http import BodyLimit, FastLane, OneLineStartupErrors, StartupError, validation_error_handler
 from service.model import ModelError, seeded
-from service.routes import Serving, router
+from service.routes import Serving, encoders, router
 from service.schemas import Limits, ModelInfo
 
 
@@ -84,9 +84,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         docs_url=None,  # service.docs serves /docs and /redoc without any outside host
         redoc_url=None,
     )
+    app.include_router(encoders)
     app.include_router(router)
     add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_middleware(FastLane, routes=encoders.routes)  # first added: the innermost middleware
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(OneLineStartupErrors)
     return app
