@@ -12,6 +12,7 @@ import math
 from typing import Annotated, Any, Literal
 
 import numpy as np
+import numpy.typing as npt
 import orjson
 from pydantic import (
     BaseModel,
@@ -28,6 +29,8 @@ from pydantic_core import PydanticCustomError
 from service.model import Array
 
 SEED_LIMIT = 2**63
+# Batches of up to this many values are checked value by value in Python, larger ones by numpy.
+SMALL_BATCH = 1024
 
 
 def _describe(value: Any) -> str:
@@ -60,14 +63,38 @@ def parse_bits(value: Any) -> Array:
         raise _bit_error(f"expected an array of rows, got {_describe(value)}")
     if not value:
         raise _bit_error("expected at least one row, got an empty array")
+    if len(value) * (len(value[0]) if isinstance(value[0], list) else 1) <= SMALL_BATCH:
+        # A few values: checking them one by one beats numpy's per-call cost, which a busy server pays cold.
+        width = len(value[0]) if isinstance(value[0], list) else 0
+        if width and all(type(row) is list and len(row) == width and all(map(_is_bit, row)) for row in value):
+            return np.array(value, dtype=np.float64)
+        raise _explain(value)
     try:
-        matrix = np.array(value)
+        matrix = np.array(value)  # numpy infers the type: strings, null and objects do not pass as numbers
     except (ValueError, TypeError, OverflowError):  # ragged rows, or values numpy cannot hold
         raise _explain(value) from None
+    if matrix.ndim == 2 and matrix.shape[1] > 0 and _all_bits(matrix):
+        return matrix.astype(np.float64)
+    raise _explain(value) from None
+    if matrix.ndim == 2 and matrix.shape[1] > 0 and _all_bits(matrix):
+        return matrix.astype(np.float64)
+    raise _explain(value) from None
     fits = matrix.ndim == 2 and matrix.shape[1] > 0 and matrix.dtype.kind in "biuf"
     if fits and ((matrix == 0) | (matrix == 1)).all():
         return matrix.astype(np.float64)
     raise _explain(value)
+
+
+def _all_bits(matrix: npt.NDArray[Any]) -> bool:
+    """Whether every value is 0 or 1, in one pass for the usual integer and boolean arrays."""
+    kind = matrix.dtype.kind
+    if kind == "b":
+        return True
+    if kind in "iu":  # seen as unsigned, a negative integer is huge: one max() covers both ends
+        return bool(matrix.view(f"u{matrix.itemsize}").max() <= 1)
+    if kind == "f":
+        return bool(((matrix == 0) | (matrix == 1)).all())
+    return False
 
 
 def _explain(rows: list[Any]) -> PydanticCustomError:
@@ -129,15 +156,17 @@ def _nested_numbers(ndim: int, description: str) -> dict[str, Any]:
     return schema | {"description": description}
 
 
-def _finite(ndim: int) -> Any:
+def _float64(ndim: int) -> Any:
     def check(value: Any) -> Array:
         if not isinstance(value, np.ndarray) or value.ndim != ndim or value.dtype != np.float64:
             raise ValueError(f"expected a float64 array with {ndim} dimensions")
-        if not np.isfinite(value).all():
-            raise ValueError("holds a non-finite number")
         return value
 
     return PlainValidator(check)
+
+
+class NonFiniteOutput(ValueError):
+    """A response held NaN or infinity: a bug, since the weights were proven bounded at load time."""
 
 
 class ArrayModel(BaseModel):
@@ -146,7 +175,12 @@ class ArrayModel(BaseModel):
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
     def to_json(self) -> bytes:
-        return orjson.dumps(self.__dict__, option=orjson.OPT_SERIALIZE_NUMPY)
+        """The JSON text, checked for finiteness in the same pass: orjson writes NaN and infinity as
+        null, and no field of an array response is ever null otherwise."""
+        text = orjson.dumps(self.__dict__, option=orjson.OPT_SERIALIZE_NUMPY)
+        if b"null" in text:
+            raise NonFiniteOutput(f"{type(self).__name__} holds a non-finite number")
+        return text
 
     @model_validator(mode="after")
     def _rows_agree(self, info: ValidationInfo) -> ArrayModel:
@@ -191,22 +225,22 @@ class VaeRequest(BaseModel):
 class AutoencoderResponse(ArrayModel):
     """Autoencoder codes relu(x @ W + b), one row per input row."""
 
-    codes: Annotated[Array, _finite(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim codes, all >= 0"))]
+    codes: Annotated[Array, _float64(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim codes, all >= 0"))]
 
 
 class VaeResponse(ArrayModel):
     """VAE posterior parameters, samples of z, and the KL divergence to N(0, I), per input row."""
 
-    mu: Annotated[Array, _finite(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim means"))]
+    mu: Annotated[Array, _float64(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim means"))]
     log_sigma: Annotated[
-        Array, _finite(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim log standard deviations"))
+        Array, _float64(2), WithJsonSchema(_nested_numbers(2, "rows x latent_dim log standard deviations"))
     ]
     z: Annotated[
         Array,
-        _finite(3),
+        _float64(3),
         WithJsonSchema(_nested_numbers(3, "rows x samples x latent_dim samples, z = mu + exp(log_sigma) * eps")),
     ]
-    kl: Annotated[Array, _finite(1), WithJsonSchema(_nested_numbers(1, "KL(q(z|x) || N(0, I)) per row"))]
+    kl: Annotated[Array, _float64(1), WithJsonSchema(_nested_numbers(1, "KL(q(z|x) || N(0, I)) per row"))]
     seed: Seed = Field(description="The seed of eps; send it back to reproduce z exactly.")
 
     @model_validator(mode="after")

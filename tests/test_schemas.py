@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.schemas import AutoencoderRequest, AutoencoderResponse, VaeRequest, VaeResponse
+from service.schemas import (
+    SMALL_BATCH,
+    AutoencoderRequest,
+    AutoencoderResponse,
+    NonFiniteOutput,
+    VaeRequest,
+    VaeResponse,
+)
 
 
 @pytest.mark.parametrize(
@@ -87,8 +94,14 @@ bad_values = st.one_of(
 )
 
 
-@given(st.integers(1, 5), st.integers(1, 5), st.data())
-def test_one_bad_value_anywhere_is_found_at_its_row_and_column(rows: int, width: int, data: st.DataObject) -> None:
+# Small batches are checked value by value, large ones by numpy: the properties cover both.
+SIZES = st.one_of(st.tuples(st.integers(1, 5), st.integers(1, 5)), st.tuples(st.integers(200, 300), st.integers(6, 9)))
+
+
+@given(SIZES, st.data())
+def test_one_bad_value_anywhere_is_found_at_its_row_and_column(size: tuple[int, int], data: st.DataObject) -> None:
+    rows, width = size
+    assert (rows * width > SMALL_BATCH) == (rows >= 200)
     matrix: list[list[Any]] = [[(i + j) % 2 for j in range(width)] for i in range(rows)]
     i, j = data.draw(st.integers(0, rows - 1)), data.draw(st.integers(0, width - 1))
     matrix[i][j] = data.draw(bad_values)
@@ -134,12 +147,10 @@ def _vae(rows: int = 2, samples: int = 3, k: int = 2, **changes: Any) -> dict[st
     return fields | changes
 
 
-def test_responses_refuse_non_finite_numbers_and_disagreeing_shapes() -> None:
+def test_responses_refuse_disagreeing_shapes() -> None:
     context = {"rows": 2, "latent_dim": 2, "samples": 3}
     VaeResponse.model_validate(_vae(), context=context)
     for bad in (
-        {"kl": np.array([0.0, np.nan])},
-        {"z": np.full((2, 3, 2), np.inf)},
         {"mu": np.zeros((2, 3))},
         {"z": np.zeros((2, 4, 2))},
         {"kl": np.zeros(3)},
@@ -151,7 +162,44 @@ def test_responses_refuse_non_finite_numbers_and_disagreeing_shapes() -> None:
         AutoencoderResponse.model_validate({"codes": np.zeros((1, 2))}, context={"rows": 2})
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [{"kl": np.array([0.0, np.nan])}, {"z": np.full((2, 3, 2), np.inf)}, {"mu": np.array([[0.0, -np.inf]] * 2)}],
+)
+def test_a_non_finite_number_never_reaches_json(bad: dict[str, Any]) -> None:
+    response = VaeResponse.model_validate(_vae(**bad))
+    with pytest.raises(NonFiniteOutput, match="VaeResponse holds a non-finite number"):
+        response.to_json()
+    assert VaeResponse.model_validate(_vae()).to_json().count(b"null") == 0
+
+
 def test_response_json_is_exact() -> None:
     codes = np.array([[0.1, 1 / 3]])
     text = AutoencoderResponse.model_validate({"codes": codes}).to_json()
     assert text == b'{"codes":[[0.1,0.3333333333333333]]}'
+
+
+@pytest.mark.parametrize(
+    ("tail", "where", "message"),
+    [
+        ([[0, 1, 1], [1]], [401], "row 401: has 1 values, but row 0 has 3"),
+        ([[0, 1, "1"]], [400, 2], "row 400, column 2: expected 0 or 1, got a string"),
+        ([[0, None, 1]], [400, 1], "row 400, column 1: expected 0 or 1, got null"),
+        ([[0, 1, 2]], [400, 2], "row 400, column 2: expected 0 or 1, got 2"),
+        ([[0, 1, -1]], [400, 2], "row 400, column 2: expected 0 or 1, got -1"),
+        ([[0, 1, 0.5]], [400, 2], "row 400, column 2: expected 0 or 1, got 0.5"),
+        ([[0, 1, 2**64]], [400, 2], "row 400, column 2: expected 0 or 1, got an integer that is neither 0 nor 1"),
+        ([[0, 1, [1]]], [400, 2], "row 400, column 2: expected 0 or 1, got an array"),
+        ([5], [400], "row 400: expected an array of 0/1 values, got 5"),
+    ],
+)
+def test_large_batches_are_refused_at_the_same_places(tail: list[Any], where: list[int], message: str) -> None:
+    rows = [[1, 0, 1]] * 400 + tail
+    assert len(rows) * 3 > SMALL_BATCH
+    error = _error({"inputs": rows})
+    assert (error["msg"], error["ctx"]["where"]) == (message, where)
+
+
+def test_large_batches_of_bools_ints_and_floats_parse() -> None:
+    rows = [[True, 0, 1.0]] * 400
+    np.testing.assert_array_equal(AutoencoderRequest.model_validate({"inputs": rows}).inputs, [[1.0, 0.0, 1.0]] * 400)
