@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import TypedDict
+from typing import Any, TypedDict
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.middleware import Middleware
+from starlette.routing import BaseRoute
+from starlette.types import ASGIApp
 
 from service import __version__, spec, weights
 from service.config import Settings, describe
@@ -63,6 +66,26 @@ def _operation_id(route: APIRoute) -> str:
     return route.name
 
 
+class Service(FastAPI):
+    """FastAPI, with the service's own pure-ASGI middleware outermost, and the encode routes served
+    by a FastLane just inside it, ahead of FastAPI's middleware, routing and exception layers.
+
+    Measured through uvicorn, those layers cost a single-row request more than all its math.
+    Middleware that must see every request goes in `outer`, not `add_middleware`.
+    """
+
+    def __init__(self, *, lanes: Sequence[BaseRoute], outer: Sequence[Middleware], **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.lanes = lanes
+        self.outer = outer
+
+    def build_middleware_stack(self) -> ASGIApp:
+        app: ASGIApp = FastLane(super().build_middleware_stack(), self.lanes)
+        for cls, args, kwargs in reversed(self.outer):
+            app = cls(app, *args, **kwargs)
+        return app
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for these settings (by default, read from ENCODER_ environment variables)."""
     settings = Settings() if settings is None else settings
@@ -73,7 +96,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.openapi_schema = spec.build(app, loaded.info)
         yield {"serving": loaded}
 
-    app = FastAPI(
+    app = Service(
+        lanes=encoders.routes,
+        outer=[
+            Middleware(OneLineStartupErrors),
+            Middleware(BodyLimit, limit=settings.max_body_bytes),
+        ],
         title="encoding-service",
         version=__version__,
         summary="Latent codes of binary vectors: autoencoder bottlenecks and VAE samples.",
@@ -90,9 +118,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
-    app.add_middleware(FastLane, routes=encoders.routes)  # first added: the innermost middleware
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-    app.add_middleware(OneLineStartupErrors)
     return app
 
 

@@ -1,4 +1,5 @@
-"""Thin handlers: decode the request into arrays, compute with service.model, encode the response."""
+"""Thin handlers: decode the request into arrays, compute with service.model, return the response
+model; the encode routes' LeanRoute writes it as JSON (ArrayModel.to_json)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from service.http import LeanRoute, unprocessable
 from service.model import Array, Model, autoencode, vae_encode
 from service.schemas import (
     SEED_LIMIT,
-    ArrayModel,
     AutoencoderRequest,
     AutoencoderResponse,
     Health,
@@ -36,10 +36,10 @@ class Serving:
 
 async def serving(request: Request) -> Serving:
     """The loaded model, or 503 while there is none."""
-    loaded = getattr(request.state, "serving", None)
+    loaded: Serving | None = request.scope.get("state", {}).get("serving")  # the lifespan's State
     if loaded is None:
         raise HTTPException(503, "the model is not loaded yet")
-    return loaded  # type: ignore[no-any-return]
+    return loaded
 
 
 ServingDep = Annotated[Serving, Depends(serving)]
@@ -81,10 +81,6 @@ def decode(inputs: Array, loaded: Serving, samples: int = 1) -> Array:
     return inputs
 
 
-def encode(response: ArrayModel) -> Response:
-    return Response(response.to_json(), media_type="application/json")
-
-
 @encoders.post(
     "/v1/autoencoder/encode",
     response_model=AutoencoderResponse,
@@ -92,12 +88,12 @@ def encode(response: ArrayModel) -> Response:
     tags=["v1"],
     summary="Autoencoder codes of binary rows",
 )
-async def encode_autoencoder(request: AutoencoderRequest, loaded: ServingDep) -> Response:
+async def encode_autoencoder(request: AutoencoderRequest, loaded: ServingDep) -> AutoencoderResponse:
     """The deterministic bottleneck `relu(x @ W + b)` of each row: the same rows always give the same codes."""
     x = decode(request.inputs, loaded)
     codes = autoencode(loaded.model, x)
     context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim}
-    return encode(AutoencoderResponse.model_validate({"codes": codes}, context=context))
+    return AutoencoderResponse.model_validate({"codes": codes}, context=context)
 
 
 @encoders.post(
@@ -107,7 +103,7 @@ async def encode_autoencoder(request: AutoencoderRequest, loaded: ServingDep) ->
     tags=["v1"],
     summary="VAE posterior and samples of binary rows",
 )
-async def encode_vae(request: VaeRequest, loaded: ServingDep) -> Response:
+async def encode_vae(request: VaeRequest, loaded: ServingDep) -> VaeResponse:
     """`mu`, `log_sigma` and `samples` draws of `z = mu + exp(log_sigma) * eps` per row, with the KL to N(0, I).
 
     `eps = numpy.random.default_rng(seed).standard_normal((rows, samples, latent_dim))`: send the
@@ -118,7 +114,7 @@ async def encode_vae(request: VaeRequest, loaded: ServingDep) -> Response:
     out = vae_encode(loaded.model, x, request.samples, seed)
     fields = {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl, "seed": seed}
     context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim, "samples": request.samples}
-    return encode(VaeResponse.model_validate(fields, context=context))
+    return VaeResponse.model_validate(fields, context=context)
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses=NOT_READY, tags=["v1"], summary="The served model")
