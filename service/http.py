@@ -6,7 +6,7 @@ import inspect
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, Protocol, TypeVar, get_type_hints
+from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints
 
 import orjson
 from fastapi import HTTPException, Request, Response, params
@@ -18,12 +18,43 @@ from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 Lean = Callable[[Scope, Receive, Send], Awaitable[None]]
-JSON_HEADERS = [(b"content-type", b"application/json")]
 logger = logging.getLogger("service")
 
 
-class Encodable(Protocol):
-    def to_json(self) -> bytes: ...
+class Renderable(Protocol):
+    """A response that can be written in any of `MEDIA_TYPES` (the first is the default)."""
+
+    MEDIA_TYPES: ClassVar[tuple[bytes, ...]]
+
+    def render(self, media_type: bytes) -> bytes: ...
+
+
+def negotiate(accept: bytes | None, offered: tuple[bytes, ...]) -> bytes:
+    """The offered media type the Accept header prefers (by q, then order; a wildcard means the
+    default, the first offered), or 406 when it allows none of them."""
+    if not accept:
+        return offered[0]
+    ranges = []
+    for part in accept.split(b","):
+        media_range, _, parameters = part.partition(b";")
+        quality = 1.0
+        for parameter in parameters.split(b";"):
+            key, _, value = parameter.strip().partition(b"=")
+            if key.lower() == b"q":
+                try:
+                    quality = float(value)
+                except ValueError:
+                    quality = 0.0
+        ranges.append((quality, media_range.strip().lower()))
+    for quality, media_range in sorted(ranges, key=lambda r: -r[0]):  # stable: ties keep their order
+        if quality <= 0:
+            break
+        if media_range in offered:
+            return media_range
+        if media_range in (b"*/*", b"application/*", b""):
+            return offered[0]
+    allowed = ", ".join(m.decode() for m in offered)
+    raise HTTPException(406, f"the Accept header allows none of {allowed}")
 
 
 class LeanRoute(APIRoute):
@@ -33,8 +64,8 @@ class LeanRoute(APIRoute):
     takes one short path, `lean(scope, receive, send)`: the body is read, parsed by orjson (which
     refuses NaN and Infinity) and validated by the endpoint's pydantic model in one
     `model_validate` call; each other parameter is an `Annotated[T, Depends(async_fn(request))]`,
-    awaited directly; the endpoint returns a model with `to_json()`, whose bytes are sent as they
-    are. Errors are FastAPI's: 415 for a body that is not JSON, 422 with `loc` for the rest.
+    awaited directly; the endpoint returns a Renderable model, written in the media type the
+    Accept header asks for. Errors are FastAPI's: 415 for a body that is not JSON, 422 with `loc` for the rest.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -62,9 +93,11 @@ class LeanRoute(APIRoute):
             if body is not None:
                 name, model = body
                 arguments[name] = await parse_json_body(scope, receive, model)
-            result: Encodable = await endpoint(**arguments)
-            content = result.to_json()  # before anything is sent, so that an error can still be answered
-            await send({"type": "http.response.start", "status": 200, "headers": JSON_HEADERS})
+            result: Renderable = await endpoint(**arguments)
+            # Rendered before anything is sent, so that an error can still be answered.
+            media_type = negotiate(_header(scope, b"accept"), result.MEDIA_TYPES)
+            content = result.render(media_type)
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", media_type)]})
             await send({"type": "http.response.body", "body": content})
 
         return lean
@@ -78,7 +111,7 @@ class LeanRoute(APIRoute):
                 sent.append(message)
 
             await self.lean(request.scope, request.receive, collect)
-            return Response(sent[1]["body"], status_code=sent[0]["status"], media_type="application/json")
+            return Response(sent[1]["body"], status_code=sent[0]["status"], headers=dict(sent[0]["headers"]))
 
         return handler
 
@@ -240,9 +273,8 @@ def _clean(error: dict[str, Any]) -> dict[str, Any]:
     ctx = error.get("ctx") or {}
     msg = error["msg"]
     kind = error["type"]
-    if kind == "bits":
-        loc += ctx.get("where", [])
-    elif kind == "json_invalid":
+    loc += ctx.get("where", [])  # our validators say where inside the field: row, column, packed, rows
+    if kind == "json_invalid":
         msg = f"invalid JSON at character {loc[-1]}: {ctx.get('error', 'cannot be parsed')}"
     elif kind in ("model_type", "model_attributes_type", "dict_type") and loc == ["body"]:
         msg = "expected a JSON object"

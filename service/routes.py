@@ -13,11 +13,13 @@ from service.config import Settings
 from service.http import LeanRoute, unprocessable
 from service.model import Array, Model, autoencode, vae_encode
 from service.schemas import (
+    SAFETENSORS,
     SEED_LIMIT,
     AutoencoderRequest,
     AutoencoderResponse,
     Health,
     ModelInfo,
+    Packed,
     Problem,
     Readiness,
     VaeRequest,
@@ -48,6 +50,12 @@ NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "The model is not loaded yet."},
 }
 CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {SAFETENSORS.decode(): {"schema": {"type": "string", "format": "binary"}}},
+        "description": "JSON, or with `Accept: application/x-safetensors` the same arrays as float64 in a "
+        "safetensors file (other fields in its metadata).",
+    },
+    406: {"model": Problem, "description": "The Accept header allows neither JSON nor safetensors."},
     413: {"model": Problem, "description": "Over a limit: too many rows or samples, or too large a body."},
     422: {"description": "Not a batch of 0/1 rows of the model's width; `loc` names the row and column."},
     **NOT_READY,
@@ -58,10 +66,10 @@ router = APIRouter()
 encoders = APIRouter(route_class=LeanRoute)
 
 
-def decode(inputs: Array, loaded: Serving, samples: int = 1) -> Array:
-    """Check a validated bit matrix against the model's width and the limits."""
+def decode(inputs: Array | Packed, loaded: Serving, samples: int = 1) -> Array:
+    """A validated batch, checked against the limits and unpacked or checked for the model's width."""
     limits = loaded.settings
-    rows, width = inputs.shape
+    rows = inputs.rows if isinstance(inputs, Packed) else inputs.shape[0]
     if rows > limits.max_rows:
         raise HTTPException(413, f"{rows} rows is more than the limit of {limits.max_rows} (ENCODER_MAX_ROWS)")
     if samples > limits.max_samples:
@@ -74,9 +82,15 @@ def decode(inputs: Array, loaded: Serving, samples: int = 1) -> Array:
             f"{rows} rows x {samples} samples = {rows * samples} is more than the limit of "
             f"{limits.max_rows_x_samples} (ENCODER_MAX_ROWS_X_SAMPLES)",
         )
-    if width != loaded.model.input_dim:
+    width = loaded.model.input_dim
+    if isinstance(inputs, Packed):
+        try:
+            return inputs.unpack(width)
+        except ValueError as exc:
+            raise unprocessable(["body", "inputs", "packed"], str(exc), "packed") from None
+    if inputs.shape[1] != width:
         raise unprocessable(
-            ["body", "inputs", 0], f"rows have {width} values, but the model's input_dim is {loaded.model.input_dim}"
+            ["body", "inputs", 0], f"rows have {inputs.shape[1]} values, but the model's input_dim is {width}"
         )
     return inputs
 

@@ -8,12 +8,16 @@ shape and finiteness in one pass, and are written by orjson without lists of lis
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
-from typing import Annotated, Any, Literal
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
 import orjson
+import safetensors.numpy
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -29,6 +33,7 @@ from pydantic_core import PydanticCustomError
 from service.model import Array
 
 SEED_LIMIT = 2**63
+SAFETENSORS = b"application/x-safetensors"
 # Batches of up to this many values are checked value by value in Python, larger ones by numpy.
 SMALL_BATCH = 1024
 
@@ -135,15 +140,89 @@ Samples = Annotated[int, Field(ge=1), BeforeValidator(_json_int), WithJsonSchema
 
 _BIT_SCHEMA = {"enum": [0, 1, False, True], "description": "0 or 1 (the booleans false and true count too)"}
 
-BitMatrix = Annotated[
-    Array,
-    PlainValidator(parse_bits),
+
+@dataclass(frozen=True)
+class Packed:
+    """Rows packed eight bits a byte, as `numpy.packbits(x, axis=1)` writes them: the first value
+    of a row is the most significant bit of its first byte, and each row is padded with zero bits
+    to a whole byte. Unpacked once the model's width is known (`unpack`)."""
+
+    data: bytes
+    rows: int
+
+    def unpack(self, width: int) -> Array:
+        """The (rows, width) float64 matrix; ValueError naming what does not fit."""
+        per_row = (width + 7) // 8
+        if len(self.data) != self.rows * per_row:
+            raise ValueError(
+                f"holds {len(self.data)} bytes, but {self.rows} rows of {width} bits take {per_row} bytes each "
+                f"({self.rows * per_row} in all)"
+            )
+        packed = np.frombuffer(self.data, dtype=np.uint8).reshape(self.rows, per_row)
+        if width % 8 and (padding := packed[:, -1] & ((1 << (8 - width % 8)) - 1)).any():
+            row = int(np.argmax(padding != 0))
+            raise ValueError(f"row {row}: the {8 - width % 8} padding bits after column {width - 1} must be 0")
+        return np.unpackbits(packed, axis=1, count=width).astype(np.float64)
+
+
+def _packed_error(message: str) -> PydanticCustomError:
+    return PydanticCustomError("packed", message, {"where": ["packed"]})
+
+
+def parse_packed(value: dict[str, Any]) -> Packed:
+    extra = sorted(set(value) - {"packed", "rows"})
+    if extra:
+        raise PydanticCustomError("packed", f"unexpected field {extra[0]!r} next to packed and rows", {"where": []})
+    data, rows = value.get("packed"), value.get("rows")
+    if not isinstance(data, str):
+        raise _packed_error(f"expected a base64 string, got {_describe(data)}")
+    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
+        raise PydanticCustomError(
+            "packed", f"expected a whole number of rows >= 1, got {_describe(rows)}", {"where": ["rows"]}
+        )
+    try:
+        return Packed(base64.b64decode(data, validate=True), rows)
+    except binascii.Error as exc:
+        raise _packed_error(f"not valid base64 ({exc})") from None
+
+
+def parse_inputs(value: Any) -> Array | Packed:
+    """Either form of a batch: an array of rows of 0/1 values, or {"packed": base64, "rows": n}."""
+    return parse_packed(value) if isinstance(value, dict) else parse_bits(value)
+
+
+PACKED_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "title": "Packed rows",
+    "description": (
+        "Rows packed eight bits a byte as `numpy.packbits(x, axis=1)` writes them, base64 encoded: "
+        "the first value of a row is the most significant bit of its first byte, and each row is "
+        "padded with zero bits to a whole byte, so a row takes ceil(input_dim / 8) bytes."
+    ),
+    "properties": {
+        "packed": {"type": "string", "contentEncoding": "base64", "description": "rows x ceil(input_dim / 8) bytes"},
+        "rows": {"type": "integer", "minimum": 1, "description": "How many rows the bytes hold."},
+    },
+    "required": ["packed", "rows"],
+    "additionalProperties": False,
+}
+
+Inputs = Annotated[
+    Array | Packed,
+    PlainValidator(parse_inputs),
     WithJsonSchema(
         {
-            "type": "array",
-            "minItems": 1,
-            "items": {"type": "array", "minItems": 1, "items": _BIT_SCHEMA},
-            "description": "Rows of 0/1 values, each row as wide as the model's input_dim.",
+            "anyOf": [
+                {
+                    "type": "array",
+                    "title": "Rows",
+                    "minItems": 1,
+                    "items": {"type": "array", "minItems": 1, "items": _BIT_SCHEMA},
+                    "description": "Rows of 0/1 values, each row as wide as the model's input_dim.",
+                },
+                PACKED_SCHEMA,
+            ],
+            "description": "The batch: rows of 0/1 values, or the same rows packed eight bits a byte.",
         }
     ),
 ]
@@ -174,6 +253,20 @@ class ArrayModel(BaseModel):
 
     model_config = ConfigDict(arbitrary_types_allowed=True, frozen=True)
 
+    MEDIA_TYPES: ClassVar[tuple[bytes, ...]] = (b"application/json", SAFETENSORS)
+
+    def render(self, media_type: bytes) -> bytes:
+        return self.to_safetensors() if media_type == SAFETENSORS else self.to_json()
+
+    def to_safetensors(self) -> bytes:
+        """The arrays as float64 little-endian in a safetensors file; other fields in its metadata."""
+        arrays = {name: value for name, value in self.__dict__.items() if isinstance(value, np.ndarray)}
+        for name, value in arrays.items():
+            if not np.isfinite(value).all():
+                raise NonFiniteOutput(f"{type(self).__name__}.{name} holds a non-finite number")
+        metadata = {name: str(value) for name, value in self.__dict__.items() if name not in arrays}
+        return safetensors.numpy.save(arrays, metadata=metadata or None)
+
     def to_json(self) -> bytes:
         """The JSON text, checked for finiteness in the same pass: orjson writes NaN and infinity as
         null, and no field of an array response is ever null otherwise."""
@@ -203,7 +296,7 @@ class AutoencoderRequest(BaseModel):
         json_schema_extra={"examples": [{"inputs": [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]]}]},
     )
 
-    inputs: BitMatrix
+    inputs: Inputs
 
 
 class VaeRequest(BaseModel):
@@ -214,7 +307,7 @@ class VaeRequest(BaseModel):
         json_schema_extra={"examples": [{"inputs": [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]], "samples": 2, "seed": 42}]},
     )
 
-    inputs: BitMatrix
+    inputs: Inputs
     samples: Samples = Field(default=1, description="Samples of z per row.")
     seed: Seed | None = Field(
         default=None,

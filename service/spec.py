@@ -56,7 +56,9 @@ def build(app: FastAPI, info: ModelInfo) -> dict[str, Any]:
     d, k, limits = info.input_dim, info.latent_dim, info.limits
     rows, samples = (1, limits.max_rows), (1, limits.max_samples)
     for name in ("AutoencoderRequest", "VaeRequest"):
-        _vectors(schemas[name]["properties"]["inputs"], [rows, (d, d)])
+        matrix, packed = schemas[name]["properties"]["inputs"]["anyOf"]
+        _vectors(matrix, [rows, (d, d)])
+        packed["properties"]["rows"]["maximum"] = limits.max_rows
         for example in schemas[name]["examples"]:
             example["inputs"] = example_rows(d)
     # FastAPI's OpenAPI models hold bounds as floats, and 2**63 - 1 does not survive that.

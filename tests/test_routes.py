@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import math
 from concurrent.futures import ThreadPoolExecutor
@@ -10,7 +11,10 @@ from typing import Any
 
 import numpy as np
 import pytest
+import safetensors.numpy
 from fastapi import Request
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
 
@@ -185,3 +189,100 @@ def test_a_body_over_the_size_limit_is_refused_before_it_is_read() -> None:
 def test_unknown_paths_and_methods(client: TestClient) -> None:
     assert client.get("/v1/nothing").status_code == 404
     assert client.get("/v1/vae/encode").status_code == 405
+
+
+def _packed(rows: np.ndarray) -> dict[str, Any]:
+    return {
+        "packed": base64.b64encode(np.packbits(rows.astype(np.uint8), axis=1).tobytes()).decode(),
+        "rows": len(rows),
+    }
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 20), st.sampled_from([1, 5, 8, 9, 16, 784]), st.integers(0, 2**32))
+def test_packed_rows_give_the_same_answers_as_json(rows: int, width: int, seed: int) -> None:
+    bits = np.random.default_rng(seed).integers(0, 2, size=(rows, width))
+    with TestClient(create_app(Settings(input_dim=width, latent_dim=3))) as client:
+        for path, extra in (("/v1/autoencoder/encode", {}), ("/v1/vae/encode", {"samples": 2, "seed": seed})):
+            plain = client.post(path, json={"inputs": bits.tolist(), **extra})
+            packed = client.post(path, json={"inputs": _packed(bits), **extra})
+            assert plain.status_code == packed.status_code == 200
+            assert plain.json() == packed.json()
+
+
+@pytest.mark.parametrize(
+    ("inputs", "loc", "words"),
+    [
+        (
+            {"packed": "AAA=", "rows": 1},
+            ["body", "inputs", "packed"],
+            "holds 2 bytes, but 1 rows of 5 bits take 1 bytes",
+        ),
+        (
+            {"packed": "+Q==", "rows": 1},
+            ["body", "inputs", "packed"],
+            "row 0: the 3 padding bits after column 4 must be 0",
+        ),
+        ({"packed": "AP8=", "rows": 2}, ["body", "inputs", "packed"], "row 1: the 3 padding bits after column 4"),
+        ({"packed": "not base64!", "rows": 1}, ["body", "inputs", "packed"], "not valid base64"),
+        ({"packed": 12, "rows": 1}, ["body", "inputs", "packed"], "expected a base64 string, got 12"),
+        ({"packed": "AA==", "rows": 0}, ["body", "inputs", "rows"], "expected a whole number of rows >= 1, got 0"),
+        ({"packed": "AA==", "rows": True}, ["body", "inputs", "rows"], "got true"),
+        ({"packed": "AA=="}, ["body", "inputs", "rows"], "got null"),
+        ({"packed": "AA==", "rows": 1, "width": 5}, ["body", "inputs"], "unexpected field 'width'"),
+    ],
+)
+def test_bad_packed_rows_get_422_naming_where(client: TestClient, inputs: Any, loc: list[Any], words: str) -> None:
+    response = client.post("/v1/autoencoder/encode", json={"inputs": inputs})
+    assert response.status_code == 422, response.text
+    detail = response.json()["detail"][0]
+    assert detail["loc"] == loc
+    assert words in detail["msg"]
+
+
+def test_packed_rows_over_the_limit_get_413_before_they_are_decoded() -> None:
+    with TestClient(create_app(Settings(max_rows=10))) as client:
+        response = client.post("/v1/autoencoder/encode", json={"inputs": {"packed": "AA==", "rows": 11}})
+    assert response.status_code == 413
+    assert "11 rows is more than the limit of 10" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("accept", ["application/x-safetensors", "application/json;q=0.5, application/x-safetensors"])
+def test_safetensors_responses_hold_the_same_numbers(client: TestClient, accept: str) -> None:
+    body = {"inputs": ROWS, "samples": 3, "seed": 5}
+    as_json = client.post("/v1/vae/encode", json=body).json()
+    binary = client.post("/v1/vae/encode", json=body, headers={"accept": accept})
+    assert binary.status_code == 200
+    assert binary.headers["content-type"] == "application/x-safetensors"
+    arrays = safetensors.numpy.load(binary.content)
+    assert sorted(arrays) == ["kl", "log_sigma", "mu", "z"]
+    for name, value in arrays.items():
+        assert value.dtype == np.float64
+        np.testing.assert_array_equal(value, as_json[name])
+    header = json.loads(binary.content[8 : 8 + int.from_bytes(binary.content[:8], "little")])
+    assert header["__metadata__"] == {"seed": "5"}
+    codes = client.post("/v1/autoencoder/encode", json=body | {"samples": 1}, headers={"accept": accept})
+    assert codes.status_code == 422  # the autoencoder takes no samples: extra fields are refused
+
+
+@pytest.mark.parametrize(
+    ("accept", "status", "media"),
+    [
+        ("*/*", 200, "application/json"),
+        ("application/*", 200, "application/json"),
+        ("application/json", 200, "application/json"),
+        ("text/html, */*;q=0.8", 200, "application/json"),
+        ("text/csv", 406, "application/json"),
+        ("application/json;q=0", 406, "application/json"),
+        ("application/x-safetensors;q=0, application/json", 200, "application/json"),
+        ("application/x-safetensors;q=0.9, */*;q=0.1", 200, "application/x-safetensors"),
+    ],
+)
+def test_content_negotiation(client: TestClient, accept: str, status: int, media: str) -> None:
+    response = client.post("/v1/autoencoder/encode", json={"inputs": ROWS}, headers={"accept": accept})
+    assert response.status_code == status
+    assert response.headers["content-type"] == media
+    if status == 406:
+        assert (
+            response.json()["detail"] == "the Accept header allows none of application/json, application/x-safetensors"
+        )
