@@ -13,10 +13,10 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from fastapi import Request
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from fastapi.exceptions import RequestValidationError
 from fastapi.testclient import TestClient
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.config import Settings
 from service.http import validation_error_handler
