@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -175,10 +176,29 @@ def _short(bits: list[int], keep: int = 16) -> str:
     return f"[{shown}{', ...' if len(bits) > keep else ''}]"
 
 
-def autoencode(model: Model, x: Array) -> Array:
+# Batches of 0/1 rows may come in any real dtype (uint8 when unpacked from bits); the math is float64.
+Batch = npt.NDArray[Any]
+ROWS_PER_BLOCK = 4096
+
+
+def affine(x: Batch, weight: Array, bias: Array) -> Array:
+    """x @ weight + bias in float64, a block of ROWS_PER_BLOCK rows at a time.
+
+    A compact batch is never copied to float64 whole (10,000 x 784 would take 63 MB), and every
+    batch is blocked the same way, so a row's result never depends on how the batch was sent.
+    """
+    n = x.shape[0]
+    h = np.empty((n, weight.shape[1]))  # (n, k)
+    for start in range(0, n, ROWS_PER_BLOCK):
+        block = x[start : start + ROWS_PER_BLOCK].astype(np.float64, copy=False)  # (b, d)
+        np.matmul(block, weight, out=h[start : start + ROWS_PER_BLOCK])  # (b, d) @ (d, k) -> (b, k)
+    h += bias
+    return h
+
+
+def autoencode(model: Model, x: Batch) -> Array:
     """Autoencoder codes relu(x @ W + b) for a batch x of shape (n, d)."""
-    h = x @ model.ae_weight  # (n, d) @ (d, k) -> (n, k)
-    h += model.ae_bias
+    h = affine(x, model.ae_weight, model.ae_bias)  # (n, k)
     return np.maximum(h, 0.0, out=h)
 
 
@@ -190,11 +210,11 @@ class VaeCodes:
     kl: Array  # (n,)
 
 
-def vae_encode(model: Model, x: Array, samples: int, seed: int) -> VaeCodes:
+def vae_encode(model: Model, x: Batch, samples: int, seed: int) -> VaeCodes:
     """mu, log_sigma, z = mu + exp(log_sigma) * eps with eps from default_rng(seed), and KL to N(0, I)."""
     n, k = x.shape[0], model.latent_dim
-    mu = x @ model.mu_weight + model.mu_bias  # (n, d) @ (d, k) -> (n, k)
-    log_sigma = x @ model.ls_weight + model.ls_bias  # (n, d) @ (d, k) -> (n, k)
+    mu = affine(x, model.mu_weight, model.mu_bias)  # (n, d) @ (d, k) -> (n, k)
+    log_sigma = affine(x, model.ls_weight, model.ls_bias)  # (n, d) @ (d, k) -> (n, k)
     sigma = np.exp(log_sigma)  # (n, k), > 0
     eps = np.random.default_rng(seed).standard_normal((n, samples, k))  # (n, s, k)
     z = mu[:, None, :] + sigma[:, None, :] * eps  # (n, 1, k) + (n, 1, k) * (n, s, k) -> (n, s, k)

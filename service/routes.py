@@ -11,7 +11,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request, Response
 
 from service.config import Settings
 from service.http import LeanRoute, unprocessable
-from service.model import Array, Model, autoencode, vae_encode
+from service.model import Batch, Model, autoencode, vae_encode
 from service.schemas import (
     SAFETENSORS,
     SEED_LIMIT,
@@ -66,7 +66,7 @@ router = APIRouter()
 encoders = APIRouter(route_class=LeanRoute)
 
 
-def decode(inputs: Array | Packed, loaded: Serving, samples: int = 1) -> Array:
+def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
     """A validated batch, checked against the limits and unpacked or checked for the model's width."""
     limits = loaded.settings
     rows = inputs.rows if isinstance(inputs, Packed) else inputs.shape[0]

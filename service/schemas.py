@@ -30,7 +30,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from service.model import Array
+from service.model import Array, Batch
 
 SEED_LIMIT = 2**63
 SAFETENSORS = b"application/x-safetensors"
@@ -62,8 +62,8 @@ def _bit_error(message: str, *where: int) -> PydanticCustomError:
     return PydanticCustomError("bits", message, {"where": list(where)})
 
 
-def parse_bits(value: Any) -> Array:
-    """A JSON array of rows of 0/1 values -> (n, d) float64 matrix, or an error naming row and column."""
+def parse_bits(value: Any) -> Batch:
+    """A JSON array of rows of 0/1 values -> (n, d) matrix of them, or an error naming row and column."""
     if not isinstance(value, list):
         raise _bit_error(f"expected an array of rows, got {_describe(value)}")
     if not value:
@@ -79,10 +79,10 @@ def parse_bits(value: Any) -> Array:
     except (ValueError, TypeError, OverflowError):  # ragged rows, or values numpy cannot hold
         raise _explain(value) from None
     if matrix.ndim == 2 and matrix.shape[1] > 0 and _all_bits(matrix):
-        return matrix.astype(np.float64)
+        return matrix  # integer, boolean or float 0/1 values: service.model.affine makes them float64
     raise _explain(value) from None
     if matrix.ndim == 2 and matrix.shape[1] > 0 and _all_bits(matrix):
-        return matrix.astype(np.float64)
+        return matrix  # integer, boolean or float 0/1 values: service.model.affine makes them float64
     raise _explain(value) from None
     fits = matrix.ndim == 2 and matrix.shape[1] > 0 and matrix.dtype.kind in "biuf"
     if fits and ((matrix == 0) | (matrix == 1)).all():
@@ -150,8 +150,8 @@ class Packed:
     data: bytes
     rows: int
 
-    def unpack(self, width: int) -> Array:
-        """The (rows, width) float64 matrix; ValueError naming what does not fit."""
+    def unpack(self, width: int) -> Batch:
+        """The (rows, width) uint8 matrix of 0/1 values; ValueError naming what does not fit."""
         per_row = (width + 7) // 8
         if len(self.data) != self.rows * per_row:
             raise ValueError(
@@ -162,7 +162,7 @@ class Packed:
         if width % 8 and (padding := packed[:, -1] & ((1 << (8 - width % 8)) - 1)).any():
             row = int(np.argmax(padding != 0))
             raise ValueError(f"row {row}: the {8 - width % 8} padding bits after column {width - 1} must be 0")
-        return np.unpackbits(packed, axis=1, count=width).astype(np.float64)
+        return np.unpackbits(packed, axis=1, count=width)
 
 
 def _packed_error(message: str) -> PydanticCustomError:
@@ -186,7 +186,7 @@ def parse_packed(value: dict[str, Any]) -> Packed:
         raise _packed_error(f"not valid base64 ({exc})") from None
 
 
-def parse_inputs(value: Any) -> Array | Packed:
+def parse_inputs(value: Any) -> Batch | Packed:
     """Either form of a batch: an array of rows of 0/1 values, or {"packed": base64, "rows": n}."""
     return parse_packed(value) if isinstance(value, dict) else parse_bits(value)
 
@@ -208,7 +208,7 @@ PACKED_SCHEMA: dict[str, Any] = {
 }
 
 Inputs = Annotated[
-    Array | Packed,
+    Batch | Packed,
     PlainValidator(parse_inputs),
     WithJsonSchema(
         {

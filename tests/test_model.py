@@ -12,7 +12,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from service.model import LOG_SIGMA_MAX, Model, ModelError, autoencode, check_bounded, seeded, vae_encode
+from service.model import (
+    LOG_SIGMA_MAX,
+    ROWS_PER_BLOCK,
+    Model,
+    ModelError,
+    autoencode,
+    check_bounded,
+    seeded,
+    vae_encode,
+)
 
 
 def reference_codes(model: Model, x: list[list[int]]) -> list[list[float]]:
@@ -217,3 +226,15 @@ def test_same_seed_same_samples_and_a_prefix_of_rows_keeps_its_samples(seed: int
     np.testing.assert_array_equal(first.z, again.z)
     other = vae_encode(model, x, samples, (seed + 1) % 2**63)
     assert not np.array_equal(first.z, other.z)
+
+
+def test_large_batches_go_in_blocks_with_the_same_numbers_whatever_their_dtype() -> None:
+    model = seeded(2, 33, 3)
+    bits = np.random.default_rng(0).integers(0, 2, size=(ROWS_PER_BLOCK * 2 + 17, 33), dtype=np.uint8)
+    as_uint8 = autoencode(model, bits)
+    for dtype in (np.float64, np.int64, np.bool_):
+        np.testing.assert_array_equal(autoencode(model, bits.astype(dtype)), as_uint8)
+    whole = np.maximum(bits.astype(np.float64) @ model.ae_weight + model.ae_bias, 0)
+    np.testing.assert_allclose(as_uint8, whole, rtol=1e-12, atol=1e-14)
+    out = vae_encode(model, bits, samples=1, seed=3)
+    np.testing.assert_array_equal(out.mu, vae_encode(model, bits.astype(np.float64), samples=1, seed=3).mu)
