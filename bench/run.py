@@ -61,7 +61,7 @@ def workloads() -> list[Workload]:
     one = [[0, 1, 1, 0, 1]]
     big = _bits(1000, 784, 1).tolist()
     huge = _bits(10_000, 784, 2)
-    packed = {"packed": base64.b64encode(np.packbits(huge, axis=1).tobytes()).decode(), "rows": 10_000}
+    packed = {"packed": base64.b64encode(np.packbits(huge, axis=1).tobytes()).decode()}
     hundred = _bits(100, 5, 3).tolist()
     return [
         Workload("A", "single-row autoencoder", 5, "/v1/autoencoder/encode", {"inputs": one}, 1, 32),

@@ -56,6 +56,7 @@ CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
         "safetensors file (other fields in its metadata).",
     },
     406: {"model": Problem, "description": "The Accept header allows neither JSON nor safetensors."},
+    415: {"model": Problem, "description": "The body was not sent as JSON (Content-Type: application/json)."},
     413: {"model": Problem, "description": "Over a limit: too many rows or samples, or too large a body."},
     422: {"description": "Not a batch of 0/1 rows of the model's width; `loc` names the row and column."},
     **NOT_READY,
@@ -67,9 +68,12 @@ encoders = APIRouter(route_class=LeanRoute)
 
 
 def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
-    """A validated batch, checked against the limits and unpacked or checked for the model's width."""
-    limits = loaded.settings
-    rows = inputs.rows if isinstance(inputs, Packed) else inputs.shape[0]
+    """A validated batch, checked against the limits and the model's width, and unpacked if packed."""
+    limits, width = loaded.settings, loaded.model.input_dim
+    try:
+        rows = inputs.rows(width) if isinstance(inputs, Packed) else inputs.shape[0]
+    except ValueError as exc:
+        raise unprocessable(["body", "inputs", "packed"], str(exc), "packed") from None
     if rows > limits.max_rows:
         raise HTTPException(413, f"{rows} rows is more than the limit of {limits.max_rows} (ENCODER_MAX_ROWS)")
     if samples > limits.max_samples:
@@ -82,16 +86,11 @@ def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
             f"{rows} rows x {samples} samples = {rows * samples} is more than the limit of "
             f"{limits.max_rows_x_samples} (ENCODER_MAX_ROWS_X_SAMPLES)",
         )
-    width = loaded.model.input_dim
     if isinstance(inputs, Packed):
-        try:
-            return inputs.unpack(width)
-        except ValueError as exc:
-            raise unprocessable(["body", "inputs", "packed"], str(exc), "packed") from None
+        return inputs.unpack(width)
     if inputs.shape[1] != width:
-        raise unprocessable(
-            ["body", "inputs", 0], f"rows have {inputs.shape[1]} values, but the model's input_dim is {width}"
-        )
+        message = f"rows have {inputs.shape[1]} values, but the model's input_dim is {width}"
+        raise unprocessable(["body", "inputs", 0], message)
     return inputs
 
 

@@ -144,50 +144,41 @@ _BIT_SCHEMA = {"enum": [0, 1, False, True], "description": "0 or 1 (the booleans
 @dataclass(frozen=True)
 class Packed:
     """Rows packed eight bits a byte, as `numpy.packbits(x, axis=1)` writes them: the first value
-    of a row is the most significant bit of its first byte, and each row is padded with zero bits
-    to a whole byte. Unpacked once the model's width is known (`unpack`)."""
+    of a row is the most significant bit of its first byte, and each row is padded to a whole
+    byte (the padding bits are ignored). How many rows, and their width, follow from the model."""
 
     data: bytes
-    rows: int
+
+    def rows(self, width: int) -> int:
+        """How many rows of `width` bits the bytes hold; ValueError if not a whole number of them."""
+        per_row = (width + 7) // 8
+        if not self.data or len(self.data) % per_row:
+            raise ValueError(
+                f"holds {len(self.data)} bytes, not a whole number of rows of {width} bits ({per_row} bytes each)"
+            )
+        return len(self.data) // per_row
 
     def unpack(self, width: int) -> Batch:
-        """The (rows, width) uint8 matrix of 0/1 values; ValueError naming what does not fit."""
-        per_row = (width + 7) // 8
-        if len(self.data) != self.rows * per_row:
-            raise ValueError(
-                f"holds {len(self.data)} bytes, but {self.rows} rows of {width} bits take {per_row} bytes each "
-                f"({self.rows * per_row} in all)"
-            )
-        packed = np.frombuffer(self.data, dtype=np.uint8).reshape(self.rows, per_row)
-        if width % 8 and (padding := packed[:, -1] & ((1 << (8 - width % 8)) - 1)).any():
-            row = int(np.argmax(padding != 0))
-            raise ValueError(f"row {row}: the {8 - width % 8} padding bits after column {width - 1} must be 0")
+        """The (rows, width) uint8 matrix of 0/1 values."""
+        packed = np.frombuffer(self.data, dtype=np.uint8).reshape(self.rows(width), -1)
         return np.unpackbits(packed, axis=1, count=width)
 
 
-def _packed_error(message: str) -> PydanticCustomError:
-    return PydanticCustomError("packed", message, {"where": ["packed"]})
-
-
 def parse_packed(value: dict[str, Any]) -> Packed:
-    extra = sorted(set(value) - {"packed", "rows"})
+    extra = sorted(set(value) - {"packed"})
     if extra:
-        raise PydanticCustomError("packed", f"unexpected field {extra[0]!r} next to packed and rows", {"where": []})
-    data, rows = value.get("packed"), value.get("rows")
+        raise PydanticCustomError("packed", f"unexpected field {extra[0]!r} next to packed", {"where": []})
+    data = value.get("packed")
     if not isinstance(data, str):
-        raise _packed_error(f"expected a base64 string, got {_describe(data)}")
-    if isinstance(rows, bool) or not isinstance(rows, int) or rows < 1:
-        raise PydanticCustomError(
-            "packed", f"expected a whole number of rows >= 1, got {_describe(rows)}", {"where": ["rows"]}
-        )
+        raise PydanticCustomError("packed", f"expected a base64 string, got {_describe(data)}", {"where": ["packed"]})
     try:
-        return Packed(base64.b64decode(data, validate=True), rows)
+        return Packed(base64.b64decode(data, validate=True))
     except binascii.Error as exc:
-        raise _packed_error(f"not valid base64 ({exc})") from None
+        raise PydanticCustomError("packed", f"not valid base64 ({exc})", {"where": ["packed"]}) from None
 
 
 def parse_inputs(value: Any) -> Batch | Packed:
-    """Either form of a batch: an array of rows of 0/1 values, or {"packed": base64, "rows": n}."""
+    """Either form of a batch: an array of rows of 0/1 values, or {"packed": base64 of the packed rows}."""
     return parse_packed(value) if isinstance(value, dict) else parse_bits(value)
 
 
@@ -197,13 +188,13 @@ PACKED_SCHEMA: dict[str, Any] = {
     "description": (
         "Rows packed eight bits a byte as `numpy.packbits(x, axis=1)` writes them, base64 encoded: "
         "the first value of a row is the most significant bit of its first byte, and each row is "
-        "padded with zero bits to a whole byte, so a row takes ceil(input_dim / 8) bytes."
+        "padded to a whole byte (the padding bits are ignored), so a row takes ceil(input_dim / 8) "
+        "bytes and the number of rows follows from the length."
     ),
     "properties": {
         "packed": {"type": "string", "contentEncoding": "base64", "description": "rows x ceil(input_dim / 8) bytes"},
-        "rows": {"type": "integer", "minimum": 1, "description": "How many rows the bytes hold."},
     },
-    "required": ["packed", "rows"],
+    "required": ["packed"],
     "additionalProperties": False,
 }
 

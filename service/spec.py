@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from fastapi import FastAPI
@@ -48,6 +49,34 @@ def _vectors(schema: dict[str, Any], sizes: list[tuple[int, int]], minimum: floa
         level["minimum"] = minimum
 
 
+def base64_rows(per_row: int, max_rows: int) -> dict[str, Any]:
+    """JSON Schema for base64 of 1 to max_rows rows of per_row bytes each, exactly.
+
+    base64 writes 3 bytes as 4 characters, so a block of L = lcm(per_row, 3) bytes, which is
+    R = L / per_row whole rows, is 4L/3 characters with no padding. A string is q such blocks
+    and then a tail of r < R rows, whose r * per_row bytes end in "=" or "==" unless they are a
+    multiple of 3. At most max_rows rows: q < Q = max_rows // R with any tail, or q = Q with a
+    tail of at most max_rows - Q * R rows. (The empty string is left to minLength.)
+    """
+    char = "[A-Za-z0-9+/]"
+    block_bytes = math.lcm(per_row, 3)
+    per_block = block_bytes // per_row
+    block = f"{char}{{{4 * block_bytes // 3}}}"
+
+    def tails(most: int) -> str:
+        options = []
+        for r in range(1, most + 1):
+            full, rest = divmod(r * per_row, 3)
+            options.append(f"{char}{{{4 * full + rest + 1}}}" + "=" * (3 - rest) if rest else f"{char}{{{4 * full}}}")
+        return f"(?:{'|'.join(options)})?" if options else ""
+
+    most_blocks, left = divmod(max_rows, per_block)
+    last = f"(?:{block}){{{most_blocks}}}{tails(left)}"
+    fewer = f"(?:{block}){{0,{most_blocks - 1}}}{tails(per_block - 1)}" if most_blocks else None
+    pattern = "^(?:" + "|".join(p for p in (fewer, last) if p) + ")$"
+    return {"pattern": pattern, "minLength": 4, "maxLength": 4 * math.ceil(max_rows * per_row / 3)}
+
+
 def build(app: FastAPI, info: ModelInfo) -> dict[str, Any]:
     """The app's OpenAPI document with the served model's widths, the limits and fitting examples."""
     app.openapi_schema = None
@@ -58,7 +87,7 @@ def build(app: FastAPI, info: ModelInfo) -> dict[str, Any]:
     for name in ("AutoencoderRequest", "VaeRequest"):
         matrix, packed = schemas[name]["properties"]["inputs"]["anyOf"]
         _vectors(matrix, [rows, (d, d)])
-        packed["properties"]["rows"]["maximum"] = limits.max_rows
+        packed["properties"]["packed"].update(base64_rows((d + 7) // 8, limits.max_rows))
         for example in schemas[name]["examples"]:
             example["inputs"] = example_rows(d)
     # FastAPI's OpenAPI models hold bounds as floats, and 2**63 - 1 does not survive that.
