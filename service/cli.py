@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,12 +33,17 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    # uvicorn finishes the requests in flight on SIGTERM, then raises the signal again to exit;
+    # that second SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.
+    signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(0))
     uvicorn.run(
         "service.main:app",
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
         workers=settings.workers if args.workers is None else args.workers,
         log_level=settings.log_level,
+        access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
+        timeout_graceful_shutdown=30,
     )
     return 0
 

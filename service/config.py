@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
 class Settings(BaseSettings):
@@ -37,6 +38,24 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     """Largest request body in bytes; a larger one is refused with 413 before it is read."""
 
+    body_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a client may take to send a request body; a slower one gets 408."""
+
+    api_key: SecretStr | None = None
+    """An API key that /v1 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""
+
+    api_keys_file: Path | None = None
+    """A file of API keys, one a line, read again when it changes: rotate keys without a restart."""
+
+    docs_public: bool = True
+    """Whether /docs, /redoc and /openapi.json stay open when API keys are required."""
+
+    cors_origins: Annotated[list[str], NoDecode] = []
+    """Origins allowed to call the API from a browser, comma-separated; none by default."""
+
+    access_log: bool = True
+    """One JSON line per request on stdout: request id, method, path, status, duration, size."""
+
     host: str = "127.0.0.1"
     """Address `encoding-service serve` listens on (0.0.0.0 in the container image)."""
 
@@ -48,6 +67,15 @@ class Settings(BaseSettings):
 
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
     """Log level of the server."""
+
+    @field_validator("cors_origins", mode="before")
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @property
+    def auth_required(self) -> bool:
+        return self.api_key is not None or self.api_keys_file is not None
 
 
 def describe(error: ValidationError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 import sys
@@ -97,7 +98,8 @@ class LeanRoute(APIRoute):
             # Rendered before anything is sent, so that an error can still be answered.
             media_type = negotiate(_header(scope, b"accept"), result.MEDIA_TYPES)
             content = result.render(media_type)
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", media_type)]})
+            headers = [(b"content-type", media_type), (b"content-length", str(len(content)).encode())]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": content})
 
         return lean
@@ -199,12 +201,21 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes (ENCODER_MAX_BODY_BYTES)")
 
 
-class BodyLimit:
-    """Refuse a request body over `limit` bytes with 413: at once from Content-Length, else while it streams."""
+class BodyTooSlow(HTTPException):
+    def __init__(self, timeout: float) -> None:
+        detail = f"the request body did not arrive within {timeout:g} s (ENCODER_BODY_TIMEOUT)"
+        super().__init__(408, detail, headers={"Connection": "close"})
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
+
+class BodyLimit:
+    """Refuse a request body over `limit` bytes with 413 (at once from Content-Length, else as it
+    streams), and one that takes over `timeout` seconds to arrive with 408: a client that trickles
+    its body, or never finishes it, is let go instead of being waited for."""
+
+    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
         self.app = app
         self.limit = limit
+        self.timeout = timeout
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -222,13 +233,22 @@ class BodyLimit:
             await response(scope, receive, send)
             return
         received = 0
+        deadline = asyncio.get_running_loop().time() + self.timeout
+        complete = False
 
         async def limited_receive() -> Message:
-            nonlocal received
-            message = await receive()
+            nonlocal received, complete
+            if complete:  # after the body, receive() only waits for a disconnect: no deadline
+                return await receive()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTooSlow(self.timeout) from None
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise BodyTooLarge(self.limit)  # FastAPI re-raises HTTPException from body reading
+            complete = not message.get("more_body", False)
             return message
 
         await self.app(scope, limited_receive, send)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 from fastapi import FastAPI
@@ -12,23 +13,41 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
 from service import __version__, spec, weights
+from service.auth import Keys, RequireKey
 from service.config import Settings, describe
 from service.docs import add_docs
 from service.http import BodyLimit, FastLane, OneLineStartupErrors, StartupError, validation_error_handler
 from service.model import ModelError, seeded
+from service.observe import Metrics, Observe, configure_logging
 from service.routes import Serving, encoders, router
 from service.schemas import Limits, ModelInfo
 
 
 class State(TypedDict):
     serving: Serving
+    keys: Keys | None
 
 
-def load(settings: Settings) -> Serving:
+def load_keys(settings: Settings) -> Keys | None:
+    """The API keys the settings ask for, or None when the API is open."""
+    if not settings.auth_required:
+        return None
+    key = settings.api_key.get_secret_value() if settings.api_key is not None else None
+    try:
+        keys = Keys(key, settings.api_keys_file)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StartupError(f"API keys file {str(settings.api_keys_file)!r}: cannot be read ({exc})") from None
+    if not keys.current():
+        raise StartupError(f"API keys file {str(settings.api_keys_file)!r}: holds no key")
+    return keys
+
+
+def load(settings: Settings, metrics: Metrics | None = None) -> Serving:
     """The model the settings ask for, checked; StartupError (one line) when it cannot be served."""
     if settings.weights is not None:
         try:
@@ -55,10 +74,16 @@ def load(settings: Settings) -> Serving:
             **source,
             "fingerprint": model.fingerprint(),
             "parameters": {name: list(value.shape) for name, value in model.arrays().items()},
+            "loaded_at": datetime.now(UTC),
             "limits": Limits.model_validate(settings.model_dump(include=set(Limits.model_fields))),
         }
     )
-    return Serving(model=model, info=info, settings=settings)
+    metrics = Metrics() if metrics is None else metrics
+    metrics.model.info(
+        {"fingerprint": info.fingerprint, "input_dim": str(info.input_dim), "latent_dim": str(info.latent_dim)}
+        | {"source": info.source, "file": info.file or "", "seed": "" if info.seed is None else str(info.seed)}
+    )
+    return Serving(model=model, info=info, settings=settings, metrics=metrics)
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -74,10 +99,13 @@ class Service(FastAPI):
     Middleware that must see every request goes in `outer`, not `add_middleware`.
     """
 
-    def __init__(self, *, lanes: Sequence[BaseRoute], outer: Sequence[Middleware], **kwargs: Any) -> None:
+    def __init__(
+        self, *, lanes: Sequence[BaseRoute], outer: Sequence[Middleware], metrics: Metrics, **kwargs: Any
+    ) -> None:
         super().__init__(**kwargs)
         self.lanes = lanes
         self.outer = outer
+        self.metrics = metrics
 
     def build_middleware_stack(self) -> ASGIApp:
         app: ASGIApp = FastLane(super().build_middleware_stack(), self.lanes)
@@ -91,16 +119,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     settings = Settings() if settings is None else settings
 
     @asynccontextmanager
-    async def lifespan(app: FastAPI) -> AsyncIterator[State]:
-        loaded = load(settings)
-        app.openapi_schema = spec.build(app, loaded.info)
-        yield {"serving": loaded}
+    async def lifespan(app: Service) -> AsyncIterator[State]:
+        loaded = load(settings, app.metrics)
+        keys = load_keys(settings)
+        app.openapi_schema = spec.build(app, loaded.info, auth=keys is not None)
+        yield {"serving": loaded, "keys": keys}
 
+    configure_logging(settings.log_level)
+    metrics = Metrics()
+    paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes]}
+    paths |= {"/docs", "/redoc", "/openapi.json"}
     app = Service(
+        metrics=metrics,
         lanes=encoders.routes,
         outer=[
             Middleware(OneLineStartupErrors),
-            Middleware(BodyLimit, limit=settings.max_body_bytes),
+            Middleware(Observe, metrics=metrics, routes=paths, access_log=settings.access_log),
+            *cors(settings),
+            *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),
+            Middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.body_timeout),
         ],
         title="encoding-service",
         version=__version__,
@@ -119,6 +156,22 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     return app
+
+
+def cors(settings: Settings) -> list[Middleware]:
+    """CORS for the origins the settings name; none, and no middleware, by default."""
+    if not settings.cors_origins:
+        return []
+    return [
+        Middleware(
+            CORSMiddleware,
+            allow_origins=settings.cors_origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["authorization", "content-type", "accept", "x-api-key", "x-request-id"],
+            expose_headers=["x-request-id"],
+            max_age=600,
+        )
+    ]
 
 
 def _from_environment() -> FastAPI:

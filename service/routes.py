@@ -8,10 +8,13 @@ from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Settings
 from service.http import LeanRoute, unprocessable
 from service.model import Batch, Model, autoencode, vae_encode
+from service.observe import Metrics
 from service.schemas import (
     SAFETENSORS,
     SEED_LIMIT,
@@ -34,6 +37,7 @@ class Serving:
     model: Model
     info: ModelInfo
     settings: Settings
+    metrics: Metrics
 
 
 async def serving(request: Request) -> Serving:
@@ -105,6 +109,7 @@ async def encode_autoencoder(request: AutoencoderRequest, loaded: ServingDep) ->
     """The deterministic bottleneck `relu(x @ W + b)` of each row: the same rows always give the same codes."""
     x = decode(request.inputs, loaded)
     codes = autoencode(loaded.model, x)
+    loaded.metrics.encoded("autoencoder", x.shape[0])
     context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim}
     return AutoencoderResponse.model_validate({"codes": codes}, context=context)
 
@@ -125,6 +130,7 @@ async def encode_vae(request: VaeRequest, loaded: ServingDep) -> VaeResponse:
     x = decode(request.inputs, loaded, request.samples)
     seed = secrets.randbelow(SEED_LIMIT) if request.seed is None else request.seed
     out = vae_encode(loaded.model, x, request.samples, seed)
+    loaded.metrics.encoded("vae", x.shape[0], x.shape[0] * request.samples)
     fields = {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl, "seed": seed}
     context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim, "samples": request.samples}
     return VaeResponse.model_validate(fields, context=context)
@@ -134,6 +140,20 @@ async def encode_vae(request: VaeRequest, loaded: ServingDep) -> VaeResponse:
 async def model_info(loaded: ServingDep) -> ModelInfo:
     """Dimensions, where the weights came from, their fingerprint, parameter shapes and request limits."""
     return loaded.info
+
+
+@router.get(
+    "/metrics",
+    response_class=PlainTextResponse,
+    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    tags=["health"],
+    summary="Prometheus metrics",
+)
+async def metrics(request: Request) -> PlainTextResponse:
+    """Requests by route and status, latency histograms, rows and samples encoded, the model's
+    fingerprint (`encoder_model_info`), in the Prometheus text format."""
+    registry = request.app.metrics.registry
+    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")

@@ -12,6 +12,7 @@ import base64
 import binascii
 import math
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
@@ -356,6 +357,9 @@ class ModelInfo(BaseModel):
     file: str | None = Field(description="The weights file's name, when read from one.")
     fingerprint: str = Field(description="sha256 over the arrays' float64 bytes; equal weights, equal fingerprint.")
     parameters: dict[str, list[int]] = Field(description="Shape of each array, by its name in a weights file.")
+    loaded_at: datetime = Field(
+        description="When this process loaded the weights: what it serves until it restarts, even if the file changes."
+    )
     limits: Limits
 
 

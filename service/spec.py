@@ -77,10 +77,30 @@ def base64_rows(per_row: int, max_rows: int) -> dict[str, Any]:
     return {"pattern": pattern, "minLength": 4, "maxLength": 4 * math.ceil(max_rows * per_row / 3)}
 
 
-def build(app: FastAPI, info: ModelInfo) -> dict[str, Any]:
-    """The app's OpenAPI document with the served model's widths, the limits and fitting examples."""
+def _require_keys(document: dict[str, Any]) -> None:
+    document["components"]["securitySchemes"] = {
+        "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
+        "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: <API key>"},
+    }
+    unauthorized = {"description": "No API key, or not a valid one.", "content": _problem()}
+    for path, operations in document["paths"].items():
+        if path.startswith(("/v1/", "/v2/")):
+            for operation in operations.values():
+                operation["security"] = [{"bearer": []}, {"apiKey": []}]
+                operation["responses"]["401"] = unauthorized
+
+
+def _problem() -> dict[str, Any]:
+    return {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+
+
+def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
+    """The app's OpenAPI document with the served model's widths, the limits and fitting examples,
+    and, when API keys are required, their security schemes, so that "Authorize" works in /docs."""
     app.openapi_schema = None
     document = app.openapi()
+    if auth:
+        _require_keys(document)
     schemas = document["components"]["schemas"]
     d, k, limits = info.input_dim, info.latent_dim, info.limits
     rows, samples = (1, limits.max_rows), (1, limits.max_samples)
