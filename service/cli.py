@@ -33,6 +33,8 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from service.server import GuardedHttpToolsProtocol
+
     # uvicorn finishes the requests in flight on SIGTERM, then raises the signal again to exit;
     # that second SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(0))
@@ -43,6 +45,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         workers=settings.workers if args.workers is None else args.workers,
         log_level=settings.log_level,
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
+        http=GuardedHttpToolsProtocol,  # a deadline for request heads (ENCODER_REQUEST_TIMEOUT)
         timeout_graceful_shutdown=30,
     )
     return 0

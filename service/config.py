@@ -38,8 +38,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     """Largest request body in bytes; a larger one is refused with 413 before it is read."""
 
-    body_timeout: float = Field(default=30.0, gt=0)
-    """Seconds a client may take to send a request body; a slower one gets 408."""
+    request_timeout: float = Field(default=30.0, gt=0)
+    """Seconds a client may take to send a request's headers, and again its body: a slower body
+    gets 408, slower headers a closed connection (with `encoding-service serve`)."""
 
     api_key: SecretStr | None = None
     """An API key that /v1 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""

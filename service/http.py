@@ -203,7 +203,7 @@ class BodyTooLarge(HTTPException):
 
 class BodyTooSlow(HTTPException):
     def __init__(self, timeout: float) -> None:
-        detail = f"the request body did not arrive within {timeout:g} s (ENCODER_BODY_TIMEOUT)"
+        detail = f"the request body did not arrive within {timeout:g} s (ENCODER_REQUEST_TIMEOUT)"
         super().__init__(408, detail, headers={"Connection": "close"})
 
 

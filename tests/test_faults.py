@@ -1,0 +1,121 @@
+"""Faults against real processes: slow clients, SIGTERM mid-request, weights changed or unreadable."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service import weights
+from service.model import seeded
+from tests.conftest import ROOT, Server, free_port, server_env, start_server
+
+SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
+HEAD = b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+
+
+def _connect(server: Server) -> socket.socket:
+    host, port = server.url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=15)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+@pytest.fixture(scope="module")
+def impatient() -> Server:
+    server = start_server(SERVE, request_timeout="1")
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server) -> None:
+    with _connect(impatient) as sock:
+        began = time.monotonic()
+        sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n" + b'{"inp')
+        reply = _read_all(sock)  # returns once the server closes the connection
+    assert reply.startswith(b"HTTP/1.1 408")
+    assert b"did not arrive within 1 s (ENCODER_REQUEST_TIMEOUT)" in reply
+    assert 0.9 < time.monotonic() - began < 5
+
+
+def test_a_body_that_never_starts_gets_408(impatient: Server) -> None:
+    with _connect(impatient) as sock:
+        sock.sendall(HEAD + b"Content-Length: 10\r\n\r\n")
+        assert _read_all(sock).startswith(b"HTTP/1.1 408")
+
+
+@pytest.mark.parametrize("sent", [b"", b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\n"])
+def test_slow_or_missing_headers_get_the_connection_closed(impatient: Server, sent: bytes) -> None:
+    with _connect(impatient) as sock:
+        began = time.monotonic()
+        sock.sendall(sent)
+        assert _read_all(sock) == b""
+    assert 0.9 < time.monotonic() - began < 5
+    assert httpx.get(f"{impatient.url}/healthz").status_code == 200  # everyone else is still served
+
+
+def test_sigterm_finishes_the_request_in_flight_then_exits_0() -> None:
+    server = start_server(SERVE)
+    body = json.dumps({"inputs": [[0, 1, 1, 0, 1]]}).encode()
+    with _connect(server) as sock:
+        sock.sendall(HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])
+        time.sleep(0.3)  # the request is in flight: headers read, body arriving
+        server.process.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.process.poll() is None  # still waiting for the request to finish
+        sock.sendall(body[5:])
+        reply = _read_all(sock)
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["codes"]
+    assert server.process.wait(timeout=10) == 0
+    assert "Finished server process" in server.output()
+    server.stop()
+
+
+def test_a_replaced_weights_file_does_not_change_what_is_served(tmp_path: Path) -> None:
+    path = tmp_path / "model.npz"
+    weights.save(seeded(1, 5, 2), path)
+    server = start_server(weights=str(path))
+    try:
+        before = httpx.get(f"{server.url}/v1/model").json()
+        codes = httpx.post(f"{server.url}/v1/autoencoder/encode", json={"inputs": [[1, 1, 0, 1, 1]]}).json()
+        weights.save(seeded(2, 5, 2), path)  # replaced under the running server
+        after = httpx.get(f"{server.url}/v1/model").json()
+        assert after == before
+        assert after["fingerprint"] == seeded(1, 5, 2).fingerprint()
+        again = httpx.post(f"{server.url}/v1/autoencoder/encode", json={"inputs": [[1, 1, 0, 1, 1]]}).json()
+        assert again == codes
+    finally:
+        server.stop()
+
+
+def test_an_unreadable_weights_file_refuses_to_start(tmp_path: Path) -> None:
+    path = tmp_path / "secret.npz"
+    weights.save(seeded(0, 5, 2), path)
+    path.chmod(0o000)
+    argv = [sys.executable, "-m", "uvicorn", "service.main:app", "--port", str(free_port())]
+    if os.geteuid() == 0:  # root reads anything: drop to nobody, with the repository and the file still in reach
+        setpriv = shutil.which("setpriv")
+        assert setpriv, "setpriv (util-linux) is needed to test permissions as root"
+        tmp_path.chmod(0o755)
+        argv = [setpriv, "--reuid=65534", "--regid=65534", "--clear-groups", *argv]
+    env = server_env(weights=str(path)) | {"HOME": "/tmp", "PYTHONDONTWRITEBYTECODE": "1"}
+    result = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=30)
+    assert result.returncode != 0
+    assert f"weights file {str(path)!r}: cannot be read (Permission denied)" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
