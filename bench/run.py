@@ -141,8 +141,11 @@ class Result:
 
 
 def _seconds(text: str) -> float:
-    number, unit = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text).groups()  # type: ignore[union-attr]
-    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}[unit]
+    match = re.fullmatch(r"([\d.]+)(us|ms|s|m|h)", text)
+    if match is None:
+        raise SystemExit(f"cannot read wrk's latency {text!r}")
+    number, unit = match.groups()
+    return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
 
 def load(server: Server, work: Workload, body_file: Path, script: Path, duration: float) -> Result:
@@ -164,9 +167,12 @@ def load(server: Server, work: Workload, body_file: Path, script: Path, duration
     ).stdout
     if "Non-2xx" in output or "Socket errors" in output:
         raise SystemExit(f"{work.name}: wrk saw errors:\n{output}")
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
-    p50 = _seconds(re.search(r"50%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
-    p99 = _seconds(re.search(r"99%\s+(\S+)", output).group(1))  # type: ignore[union-attr]
+    try:
+        rps = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]
+        p50 = _seconds(re.search(r"^\s+50%\s+(\S+)$", output, re.M).group(1))  # type: ignore[union-attr]
+        p99 = _seconds(re.search(r"^\s+99%\s+(\S+)$", output, re.M).group(1))  # type: ignore[union-attr]
+    except (AttributeError, SystemExit):
+        raise SystemExit(f"{work.name}: cannot read wrk's output:\n{output}") from None
     return Result(rps, p50, p99, rps * work.rows)
 
 
