@@ -184,9 +184,9 @@ ROWS_PER_BLOCK = 1024
 def affine(x: Batch, weight: Array, bias: Array) -> Array:
     """x @ weight + bias in float64, a block of ROWS_PER_BLOCK rows at a time.
 
-    A compact batch is never copied to float64 whole (10,000 x 784 would take 63 MB, a block takes
-    6.4 MB), and every
-    batch is blocked the same way, so a row's result never depends on how the batch was sent.
+    A compact batch is never copied to float64 whole (10,000 x 784 would take 63 MB; a block takes
+    6.4 MB), and every batch is blocked the same way, so a row's numbers never depend on how the
+    batch was sent.
     """
     n = x.shape[0]
     h = np.empty((n, weight.shape[1]))  # (n, k)
