@@ -36,7 +36,9 @@ for tool in ("podman", "debootstrap"):
     if shutil.which(tool) is None:
         if os.environ.get("CI") == "true":
             pytest.fail(f"{tool} is missing: CI must install it (.ci/run does)", pytrace=False)
-        pytest.skip(f"{tool} is not installed (apt-get install podman buildah debootstrap runc)", allow_module_level=True)
+        pytest.skip(
+            f"{tool} is not installed (apt-get install podman buildah debootstrap runc)", allow_module_level=True
+        )
 
 
 def podman(*args: str, timeout: float = 900, check: bool = True) -> subprocess.CompletedProcess[str]:
