@@ -11,7 +11,8 @@ from pathlib import Path
 import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-PROTECTED = ("/v1/", "/v2/")
+PROTECTED = ("/v1/", "/v2")
+OPEN = ("/v2/health/",)  # the protocol's own probes stay open, as /healthz and /readyz do
 DOCS = ("/docs", "/redoc", "/openapi.json", "/docs-assets/")
 
 
@@ -62,7 +63,13 @@ class RequireKey:
         self.prefixes = PROTECTED if docs_public else PROTECTED + DOCS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] == "OPTIONS" or not scope["path"].startswith(self.prefixes):
+        path = scope.get("path", "")
+        if (
+            scope["type"] != "http"
+            or scope["method"] == "OPTIONS"
+            or not path.startswith(self.prefixes)
+            or path.startswith(OPEN)
+        ):
             await self.app(scope, receive, send)
             return
         keys: Keys | None = scope.get("state", {}).get("keys")  # read at startup, by the lifespan

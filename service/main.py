@@ -17,7 +17,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
-from service import __version__, spec, weights
+from service import __version__, oip, spec, weights
 from service.auth import Keys, RequireKey
 from service.config import Settings, describe
 from service.docs import add_docs
@@ -26,6 +26,7 @@ from service.model import ModelError, seeded
 from service.observe import Metrics, Observe, configure_logging
 from service.routes import Serving, encoders, router
 from service.schemas import Limits, ModelInfo
+from service.v2 import v2
 
 
 class State(TypedDict):
@@ -127,8 +128,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     configure_logging(settings.log_level)
     metrics = Metrics()
-    paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes]}
+    paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes, *v2.routes]}
     paths |= {"/docs", "/redoc", "/openapi.json"}
+    paths |= {  # the /v2 model routes, with their path parameters filled in: labels stay bounded
+        f"/v2/models/{model}{version}{action}"
+        for model in oip.MODELS
+        for version in ("", f"/versions/{oip.VERSION}")
+        for action in ("", "/ready", "/infer")
+    }
     app = Service(
         metrics=metrics,
         lanes=encoders.routes,
@@ -153,6 +160,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(encoders)
     app.include_router(router)
+    app.include_router(v2)
     add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     return app

@@ -71,6 +71,20 @@ router = APIRouter()
 encoders = APIRouter(route_class=LeanRoute)
 
 
+def over_limit(rows: int, samples: int, limits: Settings) -> str | None:
+    """What limit a request of `rows` rows and `samples` samples per row is over, if any."""
+    if rows > limits.max_rows:
+        return f"{rows} rows is more than the limit of {limits.max_rows} (ENCODER_MAX_ROWS)"
+    if samples > limits.max_samples:
+        return f"{samples} samples is more than the limit of {limits.max_samples} (ENCODER_MAX_SAMPLES)"
+    if rows * samples > limits.max_rows_x_samples:
+        return (
+            f"{rows} rows x {samples} samples = {rows * samples} is more than the limit of "
+            f"{limits.max_rows_x_samples} (ENCODER_MAX_ROWS_X_SAMPLES)"
+        )
+    return None
+
+
 def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
     """A validated batch, checked against the limits and the model's width, and unpacked if packed."""
     limits, width = loaded.settings, loaded.model.input_dim
@@ -78,18 +92,8 @@ def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
         rows = inputs.rows(width) if isinstance(inputs, Packed) else inputs.shape[0]
     except ValueError as exc:
         raise unprocessable(["body", "inputs", "packed"], str(exc), "packed") from None
-    if rows > limits.max_rows:
-        raise HTTPException(413, f"{rows} rows is more than the limit of {limits.max_rows} (ENCODER_MAX_ROWS)")
-    if samples > limits.max_samples:
-        raise HTTPException(
-            413, f"{samples} samples is more than the limit of {limits.max_samples} (ENCODER_MAX_SAMPLES)"
-        )
-    if rows * samples > limits.max_rows_x_samples:
-        raise HTTPException(
-            413,
-            f"{rows} rows x {samples} samples = {rows * samples} is more than the limit of "
-            f"{limits.max_rows_x_samples} (ENCODER_MAX_ROWS_X_SAMPLES)",
-        )
+    if (problem := over_limit(rows, samples, limits)) is not None:
+        raise HTTPException(413, problem)
     if isinstance(inputs, Packed):
         return inputs.unpack(width)
     if inputs.shape[1] != width:

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.oip import InferenceRequest
 from service.schemas import SEED_LIMIT, ModelInfo
 
 DESCRIPTION = """\
@@ -30,6 +31,11 @@ they came from.
 TAGS = [
     {"name": "v1", "description": "Encode binary rows, and describe the served model."},
     {"name": "health", "description": "Liveness and readiness probes for load balancers and Kubernetes."},
+    {
+        "name": "v2",
+        "description": "The Open Inference Protocol (KServe v2), with Triton's binary tensor data extension: "
+        "the same models and numbers as /v1, for KServe, Triton's clients and Seldon.",
+    },
 ]
 
 
@@ -99,6 +105,13 @@ def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
     and, when API keys are required, their security schemes, so that "Authorize" works in /docs."""
     app.openapi_schema = None
     document = app.openapi()
+    # The /v2 inference body is read raw (JSON, or JSON then binary tensors): its schema is added here.
+    request_schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
+    document["components"]["schemas"].update(request_schema.pop("$defs"))
+    document["components"]["schemas"]["InferenceRequest"] = request_schema
+    for example in request_schema["examples"]:
+        flat = [bit for row in example_rows(info.input_dim) for bit in row]
+        example["inputs"][0] |= {"shape": [2, info.input_dim], "data": flat}
     if auth:
         _require_keys(document)
     schemas = document["components"]["schemas"]

@@ -1,0 +1,152 @@
+"""The Open Inference Protocol (KServe v2) routes, beside /v1: the same models, the same numbers.
+
+Handlers decode with service.oip, compute with service.model, and encode with service.oip;
+every error is {"error": "..."}: 400 for a bad request, 404 for an unknown model or version.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service import __version__, oip
+from service.model import autoencode, vae_encode
+from service.routes import Serving, ServingDep, over_limit
+from service.schemas import SEED_LIMIT
+
+v2 = APIRouter(tags=["v2"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": oip.ErrorResponse, "description": "A request the protocol or the model cannot serve."},
+    404: {"model": oip.ErrorResponse, "description": "No such model, or no such version of it."},
+}
+BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
+            "application/octet-stream": {
+                "schema": {"type": "string", "format": "binary"},
+                "description": "Binary tensor data extension: the JSON request, Inference-Header-Content-Length "
+                "bytes long, then the input's raw little-endian bytes.",
+            },
+        },
+    }
+}
+
+
+def error(exc: oip.ProtocolError) -> JSONResponse:
+    return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+
+@v2.get("/v2", response_model=oip.ServerMetadata, summary="Server metadata")
+async def server_metadata() -> oip.ServerMetadata:
+    """The server's name, version and protocol extensions (binary tensor data)."""
+    return oip.ServerMetadata(name="encoding-service", version=__version__, extensions=["binary_tensor_data"])
+
+
+@v2.get("/v2/health/live", summary="Server liveness")
+async def server_live() -> dict[str, bool]:
+    """200 while the server answers at all."""
+    return {"live": True}
+
+
+@v2.get("/v2/health/ready", summary="Server readiness", responses={503: {"description": "Not ready yet."}})
+async def server_ready(request: Request) -> JSONResponse:
+    """200 once the models are loaded, 503 before."""
+    ready = request.scope.get("state", {}).get("serving") is not None
+    return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
+
+
+@v2.get("/v2/models/{model_name}", response_model=oip.ModelMetadata, responses=ERRORS, summary="Model metadata")
+@v2.get(
+    "/v2/models/{model_name}/versions/{model_version}",
+    response_model=oip.ModelMetadata,
+    responses=ERRORS,
+    summary="Model metadata, by version",
+    operation_id="model_metadata_version",
+)
+async def model_metadata(model_name: str, loaded: ServingDep, model_version: str | None = None) -> Any:
+    """The model's input (`input`, [-1, input_dim]) and outputs with their datatypes and shapes."""
+    try:
+        name = oip.check_model(model_name, model_version)
+    except oip.ProtocolError as exc:
+        return error(exc)
+    return oip.model_metadata(name, loaded.model.input_dim, loaded.model.latent_dim)
+
+
+@v2.get("/v2/models/{model_name}/ready", responses=ERRORS, summary="Model readiness")
+@v2.get(
+    "/v2/models/{model_name}/versions/{model_version}/ready",
+    responses=ERRORS,
+    summary="Model readiness, by version",
+    operation_id="model_ready_version",
+)
+async def model_ready(model_name: str, loaded: ServingDep, model_version: str | None = None) -> Any:
+    """200 with `ready: true` once the model is loaded."""
+    try:
+        name = oip.check_model(model_name, model_version)
+    except oip.ProtocolError as exc:
+        return error(exc)
+    return {"name": name, "ready": True}
+
+
+@v2.post(
+    "/v2/models/{model_name}/infer",
+    response_model=oip.InferenceResponse,
+    responses=ERRORS,
+    openapi_extra=BODY,
+    summary="Inference",
+)
+@v2.post(
+    "/v2/models/{model_name}/versions/{model_version}/infer",
+    response_model=oip.InferenceResponse,
+    responses=ERRORS,
+    openapi_extra=BODY,
+    summary="Inference, by version",
+    operation_id="infer_version",
+)
+async def infer(model_name: str, request: Request, loaded: ServingDep, model_version: str | None = None) -> Response:
+    """Encode the rows of tensor `input` with `autoencoder` (output `codes`) or `vae` (`mu`,
+    `log_sigma`, `z`, `kl`; parameters `seed` and `samples`, the seed used coming back in the
+    response's parameters). The numbers are those of /v1 for the same rows and seed."""
+    try:
+        name = oip.check_model(model_name, model_version)
+        body = await request.body()
+        decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
+        content, headers = _compute(name, decoded, loaded)
+    except oip.ProtocolError as exc:
+        return error(exc)
+    return Response(content, headers=headers)
+
+
+def _compute(name: str, decoded: oip.Decoded, loaded: Serving) -> tuple[bytes, dict[str, str]]:
+    rows = decoded.x.shape[0]
+    if name == "autoencoder":
+        if (problem := over_limit(rows, 1, loaded.settings)) is not None:
+            raise oip.ProtocolError(problem)
+        loaded.metrics.encoded("autoencoder", rows)
+        return oip.encode(name, decoded, {"codes": autoencode(loaded.model, decoded.x)})
+    samples = _integer(decoded.parameters, "samples", 1, 1, None)
+    seed = _integer(decoded.parameters, "seed", None, 0, SEED_LIMIT - 1)
+    if (problem := over_limit(rows, samples, loaded.settings)) is not None:
+        raise oip.ProtocolError(problem)
+    seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
+    out = vae_encode(loaded.model, decoded.x, samples, seed)
+    loaded.metrics.encoded("vae", rows, rows * samples)
+    arrays = {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl}
+    return oip.encode(name, decoded, arrays, {"seed": seed})
+
+
+def _integer(parameters: dict[str, Any], key: str, default: int | None, low: int, high: int | None) -> Any:
+    value = parameters.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
+        raise oip.ProtocolError(f"parameter {key!r} must be an integer with {bound}, got {value!r}")
+    return value
