@@ -110,12 +110,15 @@ def _vae_result(payload: dict[str, Any]) -> VaeResult:
     return VaeResult(**arrays, seed=int(payload["seed"]))
 
 
-def _settings(api_key: str | None) -> dict[str, str]:
-    return {"authorization": f"Bearer {api_key}"} if api_key else {}
+def _retrying(attempt: int, retries: int) -> float:
+    """How long to wait before retry `attempt + 1`; re-raises the current error when none is left."""
+    if attempt == retries:
+        raise  # only ever called from an `except` block: the connection error in hand
+    return 0.1 * (1 << attempt)
 
 
-class Client:
-    """The v1 API over a pooled httpx.Client; use it as a context manager or call close()."""
+class _Base:
+    """What both clients share: options, the httpx client they open, and their retry budget."""
 
     def __init__(
         self,
@@ -124,10 +127,24 @@ class Client:
         api_key: str | None = None,
         timeout: float = 30.0,
         retries: int = 2,
-        transport: httpx.BaseTransport | None = None,
+        transport: Any = None,
     ) -> None:
         self.retries = retries
-        self.http = httpx.Client(base_url=base_url, headers=_settings(api_key), timeout=timeout, transport=transport)
+        headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
+        self.http = self._open(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
+
+    def _open(self, **options: Any) -> Any:
+        raise NotImplementedError
+
+
+class Client(_Base):
+    """The v1 API over a pooled httpx.Client; use it as a context manager or call close().
+    Options: api_key, timeout (seconds), retries (on connection errors), transport (for tests)."""
+
+    http: httpx.Client
+
+    def _open(self, **options: Any) -> httpx.Client:
+        return httpx.Client(**options)
 
     def _send(self, call: _Call) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
@@ -135,9 +152,7 @@ class Client:
                 response = self.http.request(call.method, call.path, json=call.body, headers=call.headers())
                 return call.read(response)
             except RETRIED:
-                if attempt == self.retries:
-                    raise
-                time.sleep(0.1 * 2**attempt)
+                time.sleep(_retrying(attempt, self.retries))
         raise AssertionError("unreachable")  # pragma: no cover
 
     def model_info(self) -> dict[str, Any]:
@@ -163,22 +178,13 @@ class Client:
         self.close()
 
 
-class AsyncClient:
+class AsyncClient(_Base):
     """The same over httpx.AsyncClient: `async with AsyncClient(url) as client: await client.encode(x)`."""
 
-    def __init__(
-        self,
-        base_url: str = "http://127.0.0.1:8000",
-        *,
-        api_key: str | None = None,
-        timeout: float = 30.0,
-        retries: int = 2,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ) -> None:
-        self.retries = retries
-        self.http = httpx.AsyncClient(
-            base_url=base_url, headers=_settings(api_key), timeout=timeout, transport=transport
-        )
+    http: httpx.AsyncClient
+
+    def _open(self, **options: Any) -> httpx.AsyncClient:
+        return httpx.AsyncClient(**options)
 
     async def _send(self, call: _Call) -> dict[str, Any]:
         for attempt in range(self.retries + 1):
@@ -186,9 +192,7 @@ class AsyncClient:
                 response = await self.http.request(call.method, call.path, json=call.body, headers=call.headers())
                 return call.read(response)
             except RETRIED:
-                if attempt == self.retries:
-                    raise
-                await asyncio.sleep(0.1 * 2**attempt)
+                await asyncio.sleep(_retrying(attempt, self.retries))
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def model_info(self) -> dict[str, Any]:

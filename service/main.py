@@ -26,7 +26,7 @@ from service.model import ModelError, seeded
 from service.observe import Metrics, Observe, configure_logging
 from service.routes import Serving, encoders, router
 from service.schemas import Limits, ModelInfo
-from service.v2 import v2
+from service.v2 import protocol_error_handler, v2
 
 
 class State(TypedDict):
@@ -163,6 +163,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2)
     add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(oip.ProtocolError, protocol_error_handler)
     return app
 
 

@@ -7,7 +7,8 @@ every error is {"error": "..."}: 400 for a bad request, 404 for an unknown model
 from __future__ import annotations
 
 import secrets
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -18,6 +19,7 @@ from service.routes import Serving, ServingDep, over_limit
 from service.schemas import SEED_LIMIT
 
 v2 = APIRouter(tags=["v2"])
+Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": oip.ErrorResponse, "description": "A request the protocol or the model cannot serve."},
     404: {"model": oip.ErrorResponse, "description": "No such model, or no such version of it."},
@@ -37,7 +39,9 @@ BODY = {
 }
 
 
-def error(exc: oip.ProtocolError) -> JSONResponse:
+async def protocol_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    """Every /v2 error as the protocol has it: {"error": "..."}."""
+    assert isinstance(exc, oip.ProtocolError)
     return JSONResponse({"error": str(exc)}, status_code=exc.status)
 
 
@@ -60,65 +64,48 @@ async def server_ready(request: Request) -> JSONResponse:
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
-@v2.get("/v2/models/{model_name}", response_model=oip.ModelMetadata, responses=ERRORS, summary="Model metadata")
-@v2.get(
-    "/v2/models/{model_name}/versions/{model_version}",
-    response_model=oip.ModelMetadata,
-    responses=ERRORS,
-    summary="Model metadata, by version",
-    operation_id="model_metadata_version",
-)
-async def model_metadata(model_name: str, loaded: ServingDep, model_version: str | None = None) -> Any:
+def by_model(method: str, action: str, summary: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """Route an endpoint at /v2/models/{model_name}{action} and at the same under /versions/{model_version}."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        name = endpoint.__name__
+        for prefix, suffix in (("", ""), ("/versions/{model_version}", "_version")):
+            v2.add_api_route(
+                "/v2/models/{model_name}" + prefix + action,
+                endpoint,
+                methods=[method],
+                summary=summary + (", by version" if suffix else ""),
+                operation_id=name + suffix,
+                responses=ERRORS,
+                **options,
+            )
+        return endpoint
+
+    return register
+
+
+@by_model("GET", "", "Model metadata", response_model=oip.ModelMetadata)
+async def model_metadata(model_name: str, loaded: ServingDep, model_version: str | None = None) -> oip.ModelMetadata:
     """The model's input (`input`, [-1, input_dim]) and outputs with their datatypes and shapes."""
-    try:
-        name = oip.check_model(model_name, model_version)
-    except oip.ProtocolError as exc:
-        return error(exc)
+    name = oip.check_model(model_name, model_version)
     return oip.model_metadata(name, loaded.model.input_dim, loaded.model.latent_dim)
 
 
-@v2.get("/v2/models/{model_name}/ready", responses=ERRORS, summary="Model readiness")
-@v2.get(
-    "/v2/models/{model_name}/versions/{model_version}/ready",
-    responses=ERRORS,
-    summary="Model readiness, by version",
-    operation_id="model_ready_version",
-)
-async def model_ready(model_name: str, loaded: ServingDep, model_version: str | None = None) -> Any:
+@by_model("GET", "/ready", "Model readiness")
+async def model_ready(model_name: str, loaded: ServingDep, model_version: str | None = None) -> dict[str, Any]:
     """200 with `ready: true` once the model is loaded."""
-    try:
-        name = oip.check_model(model_name, model_version)
-    except oip.ProtocolError as exc:
-        return error(exc)
-    return {"name": name, "ready": True}
+    return {"name": oip.check_model(model_name, model_version), "ready": True}
 
 
-@v2.post(
-    "/v2/models/{model_name}/infer",
-    response_model=oip.InferenceResponse,
-    responses=ERRORS,
-    openapi_extra=BODY,
-    summary="Inference",
-)
-@v2.post(
-    "/v2/models/{model_name}/versions/{model_version}/infer",
-    response_model=oip.InferenceResponse,
-    responses=ERRORS,
-    openapi_extra=BODY,
-    summary="Inference, by version",
-    operation_id="infer_version",
-)
+@by_model("POST", "/infer", "Inference", response_model=oip.InferenceResponse, openapi_extra=BODY)
 async def infer(model_name: str, request: Request, loaded: ServingDep, model_version: str | None = None) -> Response:
     """Encode the rows of tensor `input` with `autoencoder` (output `codes`) or `vae` (`mu`,
     `log_sigma`, `z`, `kl`; parameters `seed` and `samples`, the seed used coming back in the
     response's parameters). The numbers are those of /v1 for the same rows and seed."""
-    try:
-        name = oip.check_model(model_name, model_version)
-        body = await request.body()
-        decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
-        content, headers = _compute(name, decoded, loaded)
-    except oip.ProtocolError as exc:
-        return error(exc)
+    name = oip.check_model(model_name, model_version)
+    body = await request.body()
+    decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
+    content, headers = _compute(name, decoded, loaded)
     return Response(content, headers=headers)
 
 
