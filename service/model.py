@@ -32,6 +32,16 @@ ARRAY_NAMES = (
     "vae.log_sigma.bias",
 )
 
+# Optional decoders, written by `encoding-service train`: all four or none, after ARRAY_NAMES.
+DECODER_NAMES = (
+    "autoencoder.decoder.weight",
+    "autoencoder.decoder.bias",
+    "vae.decoder.weight",
+    "vae.decoder.bias",
+)
+# Codes and z sent to the decode routes must lie within +-DECODE_LIMIT, so that no logit overflows.
+DECODE_LIMIT = 1e6
+
 # exp(t) is finite in float64 for t <= LOG_MAX; the KL needs exp(2 * log_sigma) finite.
 LOG_MAX = math.log(np.finfo(np.float64).max)  # 709.78...
 LOG_SIGMA_MAX = LOG_MAX / 2  # 354.89...
@@ -53,6 +63,15 @@ class Model:
     mu_bias: Array
     ls_weight: Array
     ls_bias: Array
+    # Decoders (latent_dim, input_dim) and (input_dim,), or None: p(x | h) = sigmoid(h @ W_d + b_d).
+    ae_decoder_weight: Array | None = None
+    ae_decoder_bias: Array | None = None
+    vae_decoder_weight: Array | None = None
+    vae_decoder_bias: Array | None = None
+
+    @property
+    def has_decoders(self) -> bool:
+        return self.ae_decoder_weight is not None
 
     @property
     def input_dim(self) -> int:
@@ -63,9 +82,12 @@ class Model:
         return int(self.ae_weight.shape[1])
 
     def arrays(self) -> dict[str, Array]:
-        """The arrays by their file names, in ARRAY_NAMES order."""
+        """The arrays by their file names, in ARRAY_NAMES order, then DECODER_NAMES' if there are decoders."""
         values = (self.ae_weight, self.ae_bias, self.mu_weight, self.mu_bias, self.ls_weight, self.ls_bias)
-        return dict(zip(ARRAY_NAMES, values, strict=True))
+        arrays = dict(zip(ARRAY_NAMES, values, strict=True))
+        decoders = (self.ae_decoder_weight, self.ae_decoder_bias, self.vae_decoder_weight, self.vae_decoder_bias)
+        arrays |= {name: value for name, value in zip(DECODER_NAMES, decoders, strict=True) if value is not None}
+        return arrays
 
     @classmethod
     def from_arrays(cls, arrays: dict[str, npt.ArrayLike]) -> Model:
@@ -73,8 +95,12 @@ class Model:
         missing = [name for name in ARRAY_NAMES if name not in arrays]
         if missing:
             raise ModelError(f"missing array {missing[0]!r} (a model needs {', '.join(ARRAY_NAMES)})")
+        decoders = [name for name in DECODER_NAMES if name in arrays]
+        if decoders and len(decoders) != len(DECODER_NAMES):
+            absent = next(name for name in DECODER_NAMES if name not in arrays)
+            raise ModelError(f"missing array {absent!r} (decoders need all of {', '.join(DECODER_NAMES)})")
         values = []
-        for name in ARRAY_NAMES:
+        for name in (*ARRAY_NAMES, *decoders):
             value = np.asarray(arrays[name])
             if value.dtype.kind not in "biuf":
                 raise ModelError(f"array {name!r} has dtype {value.dtype}, expected a real number type")
@@ -91,7 +117,10 @@ class Model:
             raise ModelError(f"array 'autoencoder.weight' has shape {weight.shape}, expected (input_dim, latent_dim)")
         d, k = weight.shape
         for name, value in arrays.items():
-            expected = (d, k) if name.endswith("weight") else (k,)
+            if name in DECODER_NAMES:
+                expected = (k, d) if name.endswith("weight") else (d,)
+            else:
+                expected = (d, k) if name.endswith("weight") else (k,)
             if value.shape != expected:
                 raise ModelError(f"array {name!r} has shape {value.shape}, expected {expected}")
         for name, value in arrays.items():
@@ -101,7 +130,7 @@ class Model:
         check_bounded(self)
 
     def fingerprint(self) -> str:
-        """sha256 over each array in ARRAY_NAMES order: name, NUL, shape, NUL, float64 little-endian bytes."""
+        """sha256 over each array in `arrays()` order: name, NUL, shape, NUL, float64 little-endian bytes."""
         digest = hashlib.sha256()
         for name, value in self.arrays().items():
             shape = ",".join(str(n) for n in value.shape)
@@ -166,6 +195,12 @@ def check_bounded(model: Model) -> None:
             "z": float(np.max(mu_abs + 64.0 * np.exp(ls_high))) * (1 + 4 * EPS),
             "kl": float(np.sum(mu_abs**2 + np.exp(2.0 * ls_high) + 1.0 + 2.0 * ls_abs)) * (1 + (k + 4) * EPS),
         }
+        for name, weight, bias in (
+            ("autoencoder.decoder", model.ae_decoder_weight, model.ae_decoder_bias),
+            ("vae.decoder", model.vae_decoder_weight, model.vae_decoder_bias),
+        ):
+            if weight is not None and bias is not None:  # logits of codes within +-DECODE_LIMIT
+                bounds[f"{name} logits"] = float(np.max(np.abs(bias) + DECODE_LIMIT * np.abs(weight).sum(axis=0)))
     for output, bound in bounds.items():
         if not bound <= FLOAT_MAX:
             raise ModelError(f"{output} can overflow float64 for some binary input (bound {bound:.6g})")
@@ -201,6 +236,18 @@ def autoencode(model: Model, x: Batch) -> Array:
     """Autoencoder codes relu(x @ W + b) for a batch x of shape (n, d)."""
     h = affine(x, model.ae_weight, model.ae_bias)  # (n, k)
     return np.maximum(h, 0.0, out=h)
+
+
+def sigmoid(logits: Array) -> Array:
+    """1 / (1 + exp(-t)) without overflow for any finite t."""
+    return np.exp(-np.logaddexp(0.0, -logits))
+
+
+def decode(weight: Array | None, bias: Array | None, h: Batch) -> Array:
+    """Bit probabilities sigmoid(h @ W_d + b_d) for codes or z of shape (n, k)."""
+    if weight is None or bias is None:
+        raise ModelError("these weights have no decoder")
+    return sigmoid(affine(h, weight, bias))  # (n, k) @ (k, d) -> (n, d)
 
 
 @dataclass(frozen=True)
