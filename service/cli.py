@@ -80,6 +80,65 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace, _settings: Settings) -> int:
+    from service.train import load_data, train
+
+    try:
+        data = load_data(args.data)
+    except (OSError, ValueError) as exc:
+        print(f"encoding-service: {exc}", file=sys.stderr)
+        return 1
+    width = 30
+
+    def progress(line: str) -> None:
+        if " epoch " in line:  # "<model> epoch <i>/<n>: ..." as a bar
+            done, total = (int(part) for part in line.split(" epoch ")[1].split(":")[0].split("/"))
+            filled = round(width * done / total)
+            line = f"[{'#' * filled}{'.' * (width - filled)}] {line}"
+        print(line, file=sys.stderr, flush=True)
+
+    try:
+        model, report = train(
+            data,
+            latent_dim=args.latent_dim,
+            seed=args.seed,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            held_out=args.held_out,
+            patience=args.patience,
+            progress=progress,
+        )
+        weights.save(model, args.out)
+    except (ModelError, weights.WeightsError, OSError) as exc:
+        print(f"encoding-service: {exc}", file=sys.stderr)
+        return 1
+    report_path = args.report or args.out.with_suffix(".json")
+    report_path.write_text(json.dumps(report, indent=2) + "\n")
+    accuracy = report["held_out_accuracy"]
+    print(
+        f"wrote {args.out} ({report['fingerprint']}) and {report_path}: held-out bit accuracy "
+        f"{accuracy['autoencoder']:.3f} (autoencoder), {accuracy['vae']:.3f} (vae), "
+        f"{report['rows_per_second']:,} rows/s"
+    )
+    return 0
+
+
+def _plot(args: argparse.Namespace, _settings: Settings) -> int:
+    from service.plot import plot
+
+    try:
+        plot(args.data, args.weights, args.out, labels=args.labels, samples=args.samples, seed=args.seed)
+    except ImportError:
+        print("encoding-service: plotting needs matplotlib: pip install 'encoding-service[plot]'", file=sys.stderr)
+        return 1
+    except (OSError, ValueError, weights.WeightsError) as exc:
+        print(f"encoding-service: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {args.out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(
         prog="encoding-service",
@@ -104,6 +163,28 @@ def parser() -> argparse.ArgumentParser:
     write.add_argument("--input-dim", type=int, help="input width (default: ENCODER_INPUT_DIM, 5)")
     write.add_argument("--latent-dim", type=int, help="code width (default: ENCODER_LATENT_DIM, 2)")
     write.set_defaults(run=_weights)
+
+    fit = commands.add_parser("train", help="train both models on a file of 0/1 rows; write weights with decoders")
+    fit.add_argument("data", type=Path, help=".npy, .npz or .csv of 0/1 rows")
+    fit.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors or .npz)")
+    fit.add_argument("--report", type=Path, help="JSON report (default: the weights file's name with .json)")
+    fit.add_argument("--latent-dim", type=int, default=2, help="code width (default 2)")
+    fit.add_argument("--seed", type=int, default=0, help="seed: the same data and seed give the same weights")
+    fit.add_argument("--epochs", type=int, default=200, help="most epochs (default 200)")
+    fit.add_argument("--batch-size", type=int, default=128, help="rows a step (default 128)")
+    fit.add_argument("--lr", type=float, default=0.003, help="Adam's learning rate (default 0.003)")
+    fit.add_argument("--held-out", type=float, default=0.1, help="share of rows held out (default 0.1)")
+    fit.add_argument("--patience", type=int, default=10, help="epochs without a better held-out loss to stop")
+    fit.set_defaults(run=_train)
+
+    draw = commands.add_parser("plot", help="draw both latent spaces to a PNG (needs matplotlib)")
+    draw.add_argument("data", type=Path, help=".npy, .npz or .csv of 0/1 rows")
+    draw.add_argument("--weights", type=Path, required=True, help="weights file")
+    draw.add_argument("--out", type=Path, required=True, help="PNG to write")
+    draw.add_argument("--labels", type=Path, help="one label a row (.npy, .csv or text), to colour by")
+    draw.add_argument("--samples", type=int, default=5, help="z samples drawn per row (default 5)")
+    draw.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    draw.set_defaults(run=_plot)
     return root
 
 

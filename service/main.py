@@ -75,6 +75,7 @@ def load(settings: Settings, metrics: Metrics | None = None) -> Serving:
             **source,
             "fingerprint": model.fingerprint(),
             "parameters": {name: list(value.shape) for name, value in model.arrays().items()},
+            "decoders": model.has_decoders,
             "loaded_at": datetime.now(UTC),
             "limits": Limits.model_validate(settings.model_dump(include=set(Limits.model_fields))),
         }

@@ -13,18 +13,21 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Settings
 from service.http import LeanRoute, unprocessable
-from service.model import Batch, Model, autoencode, vae_encode
+from service.model import Array, Batch, Model, autoencode, decode, vae_encode
 from service.observe import Metrics
 from service.schemas import (
     SAFETENSORS,
     SEED_LIMIT,
+    AutoencoderDecodeRequest,
     AutoencoderRequest,
     AutoencoderResponse,
+    DecodeResponse,
     Health,
     ModelInfo,
     Packed,
     Problem,
     Readiness,
+    VaeDecodeRequest,
     VaeRequest,
     VaeResponse,
 )
@@ -85,7 +88,7 @@ def over_limit(rows: int, samples: int, limits: Settings) -> str | None:
     return None
 
 
-def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
+def decode_batch(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
     """A validated batch, checked against the limits and the model's width, and unpacked if packed."""
     limits, width = loaded.settings, loaded.model.input_dim
     try:
@@ -111,7 +114,7 @@ def decode(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:
 )
 async def encode_autoencoder(request: AutoencoderRequest, loaded: ServingDep) -> AutoencoderResponse:
     """The deterministic bottleneck `relu(x @ W + b)` of each row: the same rows always give the same codes."""
-    x = decode(request.inputs, loaded)
+    x = decode_batch(request.inputs, loaded)
     codes = autoencode(loaded.model, x)
     loaded.metrics.encoded("autoencoder", x.shape[0])
     context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim}
@@ -131,13 +134,84 @@ async def encode_vae(request: VaeRequest, loaded: ServingDep) -> VaeResponse:
     `eps = numpy.random.default_rng(seed).standard_normal((rows, samples, latent_dim))`: send the
     returned `seed` back with the same rows and you get the same `z`, bit for bit, on any replica.
     """
-    x = decode(request.inputs, loaded, request.samples)
+    x = decode_batch(request.inputs, loaded, request.samples)
     seed = secrets.randbelow(SEED_LIMIT) if request.seed is None else request.seed
     out = vae_encode(loaded.model, x, request.samples, seed)
     loaded.metrics.encoded("vae", x.shape[0], x.shape[0] * request.samples)
     fields = {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl, "seed": seed}
     context = {"rows": x.shape[0], "latent_dim": loaded.model.latent_dim, "samples": request.samples}
     return VaeResponse.model_validate(fields, context=context)
+
+
+NO_DECODER: dict[int | str, dict[str, Any]] = {
+    409: {"model": Problem, "description": "The served weights have no decoder (train some: encoding-service train)."},
+}
+
+
+def decoder_of(loaded: Serving, which: str) -> tuple[Array, Array]:
+    model = loaded.model
+    pairs = {
+        "autoencoder": (model.ae_decoder_weight, model.ae_decoder_bias),
+        "vae": (model.vae_decoder_weight, model.vae_decoder_bias),
+    }
+    weight, bias = pairs[which]
+    if weight is None or bias is None:
+        raise HTTPException(409, "the served weights have no decoder; train some with: encoding-service train")
+    return weight, bias
+
+
+def latents(h: Array, loaded: Serving, field: str) -> Array:
+    """Validated codes or z, checked against the limits and the model's latent width."""
+    if (problem := over_limit(h.shape[0], 1, loaded.settings)) is not None:
+        raise HTTPException(413, problem)
+    if h.shape[1] != loaded.model.latent_dim:
+        message = f"rows have {h.shape[1]} values, but the model's latent_dim is {loaded.model.latent_dim}"
+        raise unprocessable(["body", field, 0], message)
+    return h
+
+
+@encoders.post(
+    "/v1/autoencoder/decode",
+    response_model=DecodeResponse,
+    responses=CLIENT_ERRORS | NO_DECODER,
+    tags=["v1"],
+    summary="Bit probabilities of autoencoder codes",
+)
+async def decode_autoencoder(request: AutoencoderDecodeRequest, loaded: ServingDep) -> DecodeResponse:
+    """`sigmoid(codes @ W_d + b_d)`: for each row of codes, the probability of each bit being 1."""
+    weight, bias = decoder_of(loaded, "autoencoder")
+    h = latents(request.codes, loaded, "codes")
+    context = {"rows": h.shape[0]}
+    return DecodeResponse.model_validate({"probabilities": decode(weight, bias, h)}, context=context)
+
+
+@encoders.post(
+    "/v1/vae/decode",
+    response_model=DecodeResponse,
+    responses=CLIENT_ERRORS | NO_DECODER,
+    tags=["v1"],
+    summary="Bit probabilities of VAE latents",
+)
+async def decode_vae(request: VaeDecodeRequest, loaded: ServingDep) -> DecodeResponse:
+    """`sigmoid(z @ W_d + b_d)`: for each row of z, the probability of each bit being 1."""
+    weight, bias = decoder_of(loaded, "vae")
+    h = latents(request.z, loaded, "z")
+    return DecodeResponse.model_validate({"probabilities": decode(weight, bias, h)}, context={"rows": h.shape[0]})
+
+
+@encoders.post(
+    "/v1/autoencoder/reconstruct",
+    response_model=DecodeResponse,
+    responses=CLIENT_ERRORS | NO_DECODER,
+    tags=["v1"],
+    summary="Encode and decode binary rows in one call",
+)
+async def reconstruct_autoencoder(request: AutoencoderRequest, loaded: ServingDep) -> DecodeResponse:
+    """The bit probabilities of each row's own codes: how well the autoencoder reconstructs it."""
+    weight, bias = decoder_of(loaded, "autoencoder")
+    x = decode_batch(request.inputs, loaded)
+    probabilities = decode(weight, bias, autoencode(loaded.model, x))
+    return DecodeResponse.model_validate({"probabilities": probabilities}, context={"rows": x.shape[0]})
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses=NOT_READY, tags=["v1"], summary="The served model")

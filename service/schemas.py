@@ -31,7 +31,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from service.model import Array, Batch
+from service.model import DECODE_LIMIT, Array, Batch
 
 SEED_LIMIT = 2**63
 SAFETENSORS = b"application/x-safetensors"
@@ -291,6 +291,71 @@ class AutoencoderRequest(BaseModel):
     inputs: Inputs
 
 
+def _is_latent(value: Any) -> bool:
+    return type(value) in (int, float) and abs(value) <= DECODE_LIMIT  # not bool: JSON true is no number
+
+
+def parse_latents(value: Any) -> Array:
+    """A JSON array of rows of numbers within +-DECODE_LIMIT -> (n, k) float64, or an error naming where.
+
+    Checked value by value: latents are narrow (latent_dim columns), and numpy's type inference
+    would take a JSON `true` among numbers for 1.0."""
+    if not isinstance(value, list):
+        raise _bit_error(f"expected an array of rows, got {_describe(value)}")
+    if not value:
+        raise _bit_error("expected at least one row, got an empty array")
+    width = len(value[0]) if isinstance(value[0], list) else 0
+    if width and all(type(row) is list and len(row) == width and all(map(_is_latent, row)) for row in value):
+        return np.array(value, dtype=np.float64)
+    for i, row in enumerate(value):
+        if not isinstance(row, list) or not row:
+            raise _bit_error(f"row {i}: expected an array of numbers, got {_describe(row)}", i)
+        for j, item in enumerate(row):
+            if not _is_latent(item):
+                expected = f"expected a number within +-{DECODE_LIMIT:g}"
+                raise _bit_error(f"row {i}, column {j}: {expected}, got {_describe(item)}", i, j)
+    bad = next(i for i, row in enumerate(value) if len(row) != width)
+    raise _bit_error(f"row {bad}: has {len(value[bad])} values, but row 0 has {width}", bad)
+
+
+def _latents(description: str) -> Any:
+    schema = {
+        "type": "array",
+        "minItems": 1,
+        "items": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "number", "minimum": -DECODE_LIMIT, "maximum": DECODE_LIMIT},
+        },
+        "description": description,
+    }
+    return Annotated[Array, PlainValidator(parse_latents), WithJsonSchema(schema)]
+
+
+class AutoencoderDecodeRequest(BaseModel):
+    """Autoencoder codes to decode into bit probabilities."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"codes": [[0.0, 0.0], [0.64, 0.36]]}]})
+
+    codes: _latents("Rows of latent_dim codes, each within +-1e6.")  # type: ignore[valid-type]
+
+
+class VaeDecodeRequest(BaseModel):
+    """VAE latents z to decode into bit probabilities."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"z": [[-1.14, -1.36], [0.5, 0.2]]}]})
+
+    z: _latents("Rows of latent_dim values of z, each within +-1e6.")  # type: ignore[valid-type]
+
+
+class DecodeResponse(ArrayModel):
+    """p(x_i = 1 | code) for every bit: sigmoid(code @ W_d + b_d), rows x input_dim, each in [0, 1]."""
+
+    probabilities: Annotated[
+        Array, _float64(2), WithJsonSchema(_nested_numbers(2, "rows x input_dim probabilities in [0, 1]"))
+    ]
+
+
 class VaeRequest(BaseModel):
     """A batch of binary rows to encode with the VAE, with how many samples of z to draw per row."""
 
@@ -357,6 +422,7 @@ class ModelInfo(BaseModel):
     file: str | None = Field(description="The weights file's name, when read from one.")
     fingerprint: str = Field(description="sha256 over the arrays' float64 bytes; equal weights, equal fingerprint.")
     parameters: dict[str, list[int]] = Field(description="Shape of each array, by its name in a weights file.")
+    decoders: bool = Field(description="Whether the weights have decoders, for the /decode routes.")
     loaded_at: datetime = Field(
         description="When this process loaded the weights: what it serves until it restarts, even if the file changes."
     )

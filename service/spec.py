@@ -134,4 +134,10 @@ def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
     _vectors(vae["log_sigma"], [rows, (k, k)])
     _vectors(vae["z"], [rows, samples, (k, k)])
     _vectors(vae["kl"], [rows])
+    for name, field in (("AutoencoderDecodeRequest", "codes"), ("VaeDecodeRequest", "z")):
+        _vectors(schemas[name]["properties"][field], [rows, (k, k)])
+        for example in schemas[name]["examples"]:
+            example[field] = [[0.0] * k, [0.5] * k]
+    _vectors(schemas["DecodeResponse"]["properties"]["probabilities"], [rows, (d, d)], minimum=0)
+    schemas["DecodeResponse"]["properties"]["probabilities"]["items"]["items"]["maximum"] = 1
     return document

@@ -18,6 +18,7 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from service import weights
 from service.config import Settings
 from service.http import validation_error_handler
 from service.main import create_app
@@ -279,3 +280,58 @@ def test_content_negotiation(client: TestClient, accept: str, status: int, media
         assert (
             response.json()["detail"] == "the Accept header allows none of application/json, application/x-safetensors"
         )
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from service.train import train
+
+    bits = np.random.default_rng(0).integers(0, 2, size=(200, 5))
+    model, _ = train(bits, seed=0, epochs=5)
+    path = tmp_path_factory.mktemp("trained") / "model.safetensors"
+    weights.save(model, path)
+    return model, path
+
+
+def test_decode_routes_give_sigmoid_of_the_decoders(trained: Any) -> None:
+    model, path = trained
+    with TestClient(create_app(Settings(weights=path, max_rows=10))) as client:
+        assert client.get("/v1/model").json()["decoders"] is True
+        codes = [[0.0, 0.0], [0.5, -1.25], [1e6, -1e6]]
+        probabilities = client.post("/v1/autoencoder/decode", json={"codes": codes}).json()["probabilities"]
+        logits = np.array(codes) @ model.ae_decoder_weight + model.ae_decoder_bias
+        np.testing.assert_allclose(
+            probabilities, 1 / (1 + np.exp(-np.clip(logits, -700, 700))), rtol=1e-12, atol=1e-300
+        )
+        z = client.post("/v1/vae/encode", json={"inputs": ROWS, "seed": 3}).json()["z"]
+        flat = [row[0] for row in z]
+        decoded = client.post("/v1/vae/decode", json={"z": flat}).json()["probabilities"]
+        expected = 1 / (1 + np.exp(-(np.array(flat) @ model.vae_decoder_weight + model.vae_decoder_bias)))
+        np.testing.assert_allclose(decoded, expected, rtol=1e-12)
+        rebuilt = client.post("/v1/autoencoder/reconstruct", json={"inputs": ROWS}).json()["probabilities"]
+        own = client.post("/v1/autoencoder/encode", json={"inputs": ROWS}).json()["codes"]
+        assert rebuilt == client.post("/v1/autoencoder/decode", json={"codes": own}).json()["probabilities"]
+        assert np.array(rebuilt).shape == (3, 5)
+        for body, status, words in (
+            ({"codes": [[0.0, 1.0, 2.0]]}, 422, "rows have 3 values, but the model's latent_dim is 2"),
+            ({"codes": [[0.0, 2e6]]}, 422, "row 0, column 1: expected a number within +-1e+06, got 2000000.0"),
+            ({"codes": [[0.0, True]]}, 422, "row 0, column 1: expected a number within +-1e+06, got true"),
+            ({"codes": [[0.0, "1"]]}, 422, "got a string"),
+            ({"codes": [[0.0, 1.0], [1.0]]}, 422, "row 1: has 1 values, but row 0 has 2"),
+            ({"codes": [[0.0, 1.0]] * 11}, 413, "11 rows is more than the limit of 10"),
+        ):
+            response = client.post("/v1/autoencoder/decode", json=body)
+            assert response.status_code == status, response.text
+            assert words in response.text
+
+
+def test_without_decoders_the_decode_routes_say_so(client: TestClient) -> None:
+    assert client.get("/v1/model").json()["decoders"] is False
+    for path, body in (
+        ("/v1/autoencoder/decode", {"codes": [[0.0, 1.0]]}),
+        ("/v1/vae/decode", {"z": [[0.0, 1.0]]}),
+        ("/v1/autoencoder/reconstruct", {"inputs": ROWS}),
+    ):
+        response = client.post(path, json=body)
+        assert response.status_code == 409
+        assert "no decoder" in response.json()["detail"]

@@ -43,9 +43,13 @@ def test_every_body_example_works_as_it_stands(client: TestClient) -> None:
         ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
         examples = schemas[ref.rsplit("/", 1)[1]]["examples"]
         assert examples, f"{method} {path} has no example"
+        decoders = client.get("/v1/model").json()["decoders"]
         for example in examples:
             path = path.replace("{model_name}", "vae").replace("{model_version}", "1")
             response = client.request(method, path, json=example)
+            if not decoders and path.endswith(("/decode", "/reconstruct")):
+                assert response.status_code == 409, (path, response.text)  # the seeded model has no decoder
+                continue
             assert response.status_code == 200, (path, response.text)
 
 
