@@ -13,7 +13,10 @@ from service.train import load_data
 
 
 def load_labels(path: Path, rows: int) -> npt.NDArray[np.str_]:
-    labels = np.load(path, allow_pickle=False) if path.suffix == ".npy" else np.array(path.read_text().split())
+    if path.suffix == ".npy":
+        labels = np.load(path, allow_pickle=False)
+    else:  # text or CSV: one label a line
+        labels = np.array([line.strip() for line in path.read_text().splitlines() if line.strip()])
     labels = np.asarray(labels).astype(str).ravel()
     if len(labels) != rows:
         raise ValueError(f"{path}: {len(labels)} labels for {rows} rows")
