@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import signal
 import sys
 from pathlib import Path
@@ -91,9 +92,9 @@ def _train(args: argparse.Namespace, _settings: Settings) -> int:
     width = 30
 
     def progress(line: str) -> None:
-        if " epoch " in line:  # "<model> epoch <i>/<n>: ..." as a bar
-            done, total = (int(part) for part in line.split(" epoch ")[1].split(":")[0].split("/"))
-            filled = round(width * done / total)
+        epoch = re.match(r"\S+ epoch +(\d+)/(\d+):", line)  # "<model> epoch <i>/<n>: ..." gets a bar
+        if epoch:
+            filled = round(width * int(epoch.group(1)) / int(epoch.group(2)))
             line = f"[{'#' * filled}{'.' * (width - filled)}] {line}"
         print(line, file=sys.stderr, flush=True)
 
