@@ -177,11 +177,13 @@ def _fit(
 
 
 def revive_dead_units(params: Params, train: Array) -> None:
-    """A ReLU unit that is 0 for every training row gets no gradient and would stay dead, losing a
-    latent dimension; its bias is raised until it fires for the rows it is closest to firing on."""
+    """A ReLU unit that is 0 for (nearly) every training row gets (nearly) no gradient and stays
+    dead, losing a latent dimension. A unit that fires for fewer than 5% of the rows gets its bias
+    raised until it fires for the tenth of them it is closest to firing on."""
     pre = train @ params["W"] + params["b"]  # (n, k)
-    dead = (pre <= 0).all(axis=0)
-    params["b"][dead] += 0.1 - pre[:, dead].max(axis=0)
+    dead = (pre > 0).mean(axis=0) < 0.05
+    if dead.any():
+        params["b"][dead] += 0.1 - np.quantile(pre[:, dead], 0.9, axis=0)
 
 
 def reconstruction_accuracy(model: Model, x: Array) -> dict[str, float]:

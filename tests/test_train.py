@@ -74,12 +74,12 @@ def test_vae_gradients_match_finite_differences() -> None:
 
 
 def test_training_learns_clustered_bits() -> None:
-    """Measured over seeds 1 to 6 on this data: held-out bit accuracy 0.893-0.924 (autoencoder) and
+    """Measured over seeds 0 to 6 on this data: held-out bit accuracy 0.895-0.928 (autoencoder) and
     0.909-0.915 (VAE; 5% of bits are flipped at random, so about 0.95 is the ceiling), and 1-NN
-    cluster accuracy of 0.998-1.0 on both latent spaces. The thresholds leave room below those."""
+    cluster accuracy of 1.0 on both latent spaces. The thresholds leave room below those."""
     x, labels = clustered(2000)
-    model, report = train(x, seed=1)
-    assert report["held_out_accuracy"]["autoencoder"] >= 0.85
+    model, report = train(x, seed=0)
+    assert report["held_out_accuracy"]["autoencoder"] >= 0.87
     assert report["held_out_accuracy"]["vae"] >= 0.88
     assert report["held_out_rows"] == 200
     assert report["vae"]["held_out_loss"][report["vae"]["best_epoch"] - 1] == min(report["vae"]["held_out_loss"])
