@@ -13,7 +13,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Settings
 from service.http import LeanRoute, unprocessable
-from service.model import Array, Batch, Model, autoencode, decode, vae_encode
+from service.model import Array, Batch, Model, affine, autoencode, decode, vae_encode
 from service.observe import Metrics
 from service.schemas import (
     SAFETENSORS,
@@ -212,6 +212,22 @@ async def reconstruct_autoencoder(request: AutoencoderRequest, loaded: ServingDe
     x = decode_batch(request.inputs, loaded)
     probabilities = decode(weight, bias, autoencode(loaded.model, x))
     return DecodeResponse.model_validate({"probabilities": probabilities}, context={"rows": x.shape[0]})
+
+
+@encoders.post(
+    "/v1/vae/reconstruct",
+    response_model=DecodeResponse,
+    responses=CLIENT_ERRORS | NO_DECODER,
+    tags=["v1"],
+    summary="Encode binary rows with the VAE and decode their means",
+)
+async def reconstruct_vae(request: AutoencoderRequest, loaded: ServingDep) -> DecodeResponse:
+    """The bit probabilities of each row's posterior mean `mu`: the VAE's deterministic reconstruction
+    (decode a sampled z with /v1/vae/decode for a random one)."""
+    weight, bias = decoder_of(loaded, "vae")
+    x = decode_batch(request.inputs, loaded)
+    mu = affine(x, loaded.model.mu_weight, loaded.model.mu_bias)
+    return DecodeResponse.model_validate({"probabilities": decode(weight, bias, mu)}, context={"rows": x.shape[0]})
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses=NOT_READY, tags=["v1"], summary="The served model")

@@ -139,6 +139,12 @@ def test_it_serves_the_seeded_contract_healthy_read_only_and_as_a_user(container
     eps = np.random.default_rng(42).standard_normal((1, 2, 2))
     z = (x @ model.mu_weight)[:, None, :] + np.exp(x @ model.ls_weight)[:, None, :] * eps
     np.testing.assert_array_equal(answer["z"], z)
+    oip = {
+        "parameters": {"seed": 42, "samples": 2},
+        "inputs": [{"name": "input", "shape": [1, 5], "datatype": "INT32", "data": [0, 1, 1, 0, 1]}],
+    }
+    outputs = httpx.post(f"{container.url}/v2/models/vae/infer", json=oip).json()["outputs"]
+    np.testing.assert_array_equal(next(o for o in outputs if o["name"] == "z")["data"], z.ravel())
     assert podman("exec", container.id, "touch", "/opt/venv/x", check=False).returncode != 0  # read-only
 
 

@@ -312,6 +312,9 @@ def test_decode_routes_give_sigmoid_of_the_decoders(trained: Any) -> None:
         own = client.post("/v1/autoencoder/encode", json={"inputs": ROWS}).json()["codes"]
         assert rebuilt == client.post("/v1/autoencoder/decode", json={"codes": own}).json()["probabilities"]
         assert np.array(rebuilt).shape == (3, 5)
+        means = client.post("/v1/vae/encode", json={"inputs": ROWS}).json()["mu"]
+        vae_rebuilt = client.post("/v1/vae/reconstruct", json={"inputs": ROWS}).json()["probabilities"]
+        assert vae_rebuilt == client.post("/v1/vae/decode", json={"z": means}).json()["probabilities"]
         for body, status, words in (
             ({"codes": [[0.0, 1.0, 2.0]]}, 422, "rows have 3 values, but the model's latent_dim is 2"),
             ({"codes": [[0.0, 2e6]]}, 422, "row 0, column 1: expected a number within +-1e+06, got 2000000.0"),
@@ -331,6 +334,7 @@ def test_without_decoders_the_decode_routes_say_so(client: TestClient) -> None:
         ("/v1/autoencoder/decode", {"codes": [[0.0, 1.0]]}),
         ("/v1/vae/decode", {"z": [[0.0, 1.0]]}),
         ("/v1/autoencoder/reconstruct", {"inputs": ROWS}),
+        ("/v1/vae/reconstruct", {"inputs": ROWS}),
     ):
         response = client.post(path, json=body)
         assert response.status_code == 409
