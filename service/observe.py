@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 import time
-import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -41,6 +41,19 @@ class Metrics:
         self.rows = Counter("encoder_rows_encoded", "Rows encoded, by model.", ["model"], registry=self.registry)
         self.samples = Counter("encoder_samples_drawn", "VAE samples of z drawn.", registry=self.registry)
         self.model = Info("encoder_model", "The served model.", registry=self.registry)
+
+        self._children: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+    def observe(self, route: str, method: str, status: int, seconds: float) -> None:
+        """Count and time one request (the labelled children are looked up once and kept)."""
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:
+            children = (self.requests.labels(route, method, str(status)), self.latency.labels(route))
+            if len(self._children) < 10_000:  # labels are bounded; this only guards the cache
+                self._children[key] = children
+        children[0].inc()
+        children[1].observe(seconds)
 
     def encoded(self, model: str, rows: int, samples: int = 0) -> None:
         self.rows.labels(model).inc(rows)
@@ -87,29 +100,30 @@ class Observe:
         finally:
             self.metrics.in_flight.dec()
             elapsed = time.perf_counter() - started
-            route = self.route(scope["path"])
-            self.metrics.requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.latency.labels(route).observe(elapsed)
-            if self.access_log:
-                access_logger.info(
-                    "request",
-                    extra={
-                        "request_id": request_id.decode(),
-                        "method": scope["method"],
-                        "path": scope["path"],
-                        "status": status,
-                        "duration_ms": round(elapsed * 1000, 3),
-                        "response_bytes": size,
-                        "client": (scope.get("client") or ("", 0))[0],
-                    },
-                )
+            self.metrics.observe(self.route(scope["path"]), scope["method"], status, elapsed)
+            if self.access_log and access_logger.isEnabledFor(logging.INFO):
+                # The line is built here, once, with orjson; the access logger writes it as it is.
+                line = {
+                    "time": datetime.now(UTC).isoformat(timespec="milliseconds"),
+                    "level": "info",
+                    "logger": "service.access",
+                    "message": "request",
+                    "request_id": request_id.decode(),
+                    "method": scope["method"],
+                    "path": scope["path"],
+                    "status": status,
+                    "duration_ms": round(elapsed * 1000, 3),
+                    "response_bytes": size,
+                    "client": (scope.get("client") or ("", 0))[0],
+                }
+                access_logger.info(orjson.dumps(line).decode())
 
 
 def _request_id(scope: Scope) -> bytes:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
             return bytes(value)
-    return uuid.uuid4().hex.encode()
+    return os.urandom(16).hex().encode()
 
 
 _RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
@@ -132,12 +146,14 @@ class JsonFormatter(logging.Formatter):
 
 
 def configure_logging(level: str) -> None:
-    """JSON lines on stdout for the service's own loggers, once per process."""
-    logger = logging.getLogger("service")
-    logger.setLevel(level.upper() if level != "trace" else "DEBUG")
-    if not any(getattr(handler, "_service_json", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(JsonFormatter())
-        handler._service_json = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
+    """JSON lines on stdout for the service's own loggers, once per process. Access-log records
+    are JSON lines already (built by Observe), and are written as they are."""
+    for name, formatter in (("service", JsonFormatter()), ("service.access", logging.Formatter("%(message)s"))):
+        logger = logging.getLogger(name)
+        logger.setLevel(level.upper() if level != "trace" else "DEBUG")
+        if not any(getattr(handler, "_service_json", False) for handler in logger.handlers):
+            handler = logging.StreamHandler(sys.stdout)
+            handler.setFormatter(formatter)
+            handler._service_json = True  # type: ignore[attr-defined]
+            logger.addHandler(handler)
+            logger.propagate = False

@@ -13,7 +13,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.main import create_app
 from service.model import seeded
-from service.observe import JsonFormatter
+from service.observe import JsonFormatter, configure_logging
 
 ROW = [[0, 1, 1, 0, 1]]
 
@@ -24,7 +24,7 @@ class Collect(logging.Handler):
         self.lines: list[dict[str, object]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(JsonFormatter().format(record)))
+        self.lines.append(json.loads(record.getMessage()))  # access-log records are JSON lines
 
 
 @pytest.fixture
@@ -98,6 +98,17 @@ def test_access_log_is_one_json_line_per_request_without_the_data(client: TestCl
     assert "987654321" not in text
     assert "inputs" not in text
     assert "[1, 1, 1, 1, 7]" not in text
+
+
+def test_service_logs_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> None:
+    logger = logging.getLogger("service.test")
+    record = logger.makeRecord("service.test", logging.WARNING, __file__, 1, "weights %s", ("reloaded",), None)
+    line = json.loads(JsonFormatter().format(record))
+    assert (line["level"], line["logger"], line["message"]) == ("warning", "service.test", "weights reloaded")
+    configure_logging("info")
+    configure_logging("info")  # once per process, however often it is called
+    ours = [h for h in logging.getLogger("service.access").handlers if getattr(h, "_service_json", False)]
+    assert len(ours) == 1
 
 
 def test_access_log_can_be_turned_off(access_log: Collect) -> None:
