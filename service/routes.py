@@ -4,6 +4,7 @@ model; the encode routes' LeanRoute writes it as JSON (ArrayModel.to_json)."""
 from __future__ import annotations
 
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated, Any
 
@@ -148,7 +149,8 @@ NO_DECODER: dict[int | str, dict[str, Any]] = {
 }
 
 
-def decoder_of(loaded: Serving, which: str) -> tuple[Array, Array]:
+def decoder(loaded: Serving, which: str) -> Callable[[Batch], DecodeResponse]:
+    """The served `which` decoder, as codes -> validated response; 409 when the weights have none."""
     model = loaded.model
     pairs = {
         "autoencoder": (model.ae_decoder_weight, model.ae_decoder_bias),
@@ -157,7 +159,12 @@ def decoder_of(loaded: Serving, which: str) -> tuple[Array, Array]:
     weight, bias = pairs[which]
     if weight is None or bias is None:
         raise HTTPException(409, "the served weights have no decoder; train some with: encoding-service train")
-    return weight, bias
+
+    def to_bits(h: Batch) -> DecodeResponse:
+        context = {"rows": h.shape[0]}
+        return DecodeResponse.model_validate({"probabilities": decode(weight, bias, h)}, context=context)
+
+    return to_bits
 
 
 def latents(h: Array, loaded: Serving, field: str) -> Array:
@@ -170,64 +177,37 @@ def latents(h: Array, loaded: Serving, field: str) -> Array:
     return h
 
 
-@encoders.post(
-    "/v1/autoencoder/decode",
-    response_model=DecodeResponse,
-    responses=CLIENT_ERRORS | NO_DECODER,
-    tags=["v1"],
-    summary="Bit probabilities of autoencoder codes",
-)
+DECODING: dict[str, Any] = {"response_model": DecodeResponse, "responses": CLIENT_ERRORS | NO_DECODER, "tags": ["v1"]}
+
+
+@encoders.post("/v1/autoencoder/decode", summary="Bit probabilities of autoencoder codes", **DECODING)
 async def decode_autoencoder(request: AutoencoderDecodeRequest, loaded: ServingDep) -> DecodeResponse:
     """`sigmoid(codes @ W_d + b_d)`: for each row of codes, the probability of each bit being 1."""
-    weight, bias = decoder_of(loaded, "autoencoder")
-    h = latents(request.codes, loaded, "codes")
-    context = {"rows": h.shape[0]}
-    return DecodeResponse.model_validate({"probabilities": decode(weight, bias, h)}, context=context)
+    to_bits = decoder(loaded, "autoencoder")
+    return to_bits(latents(request.codes, loaded, "codes"))
 
 
-@encoders.post(
-    "/v1/vae/decode",
-    response_model=DecodeResponse,
-    responses=CLIENT_ERRORS | NO_DECODER,
-    tags=["v1"],
-    summary="Bit probabilities of VAE latents",
-)
+@encoders.post("/v1/vae/decode", summary="Bit probabilities of VAE latents", **DECODING)
 async def decode_vae(request: VaeDecodeRequest, loaded: ServingDep) -> DecodeResponse:
     """`sigmoid(z @ W_d + b_d)`: for each row of z, the probability of each bit being 1."""
-    weight, bias = decoder_of(loaded, "vae")
-    h = latents(request.z, loaded, "z")
-    return DecodeResponse.model_validate({"probabilities": decode(weight, bias, h)}, context={"rows": h.shape[0]})
+    to_bits = decoder(loaded, "vae")
+    return to_bits(latents(request.z, loaded, "z"))
 
 
-@encoders.post(
-    "/v1/autoencoder/reconstruct",
-    response_model=DecodeResponse,
-    responses=CLIENT_ERRORS | NO_DECODER,
-    tags=["v1"],
-    summary="Encode and decode binary rows in one call",
-)
+@encoders.post("/v1/autoencoder/reconstruct", summary="Encode and decode binary rows in one call", **DECODING)
 async def reconstruct_autoencoder(request: AutoencoderRequest, loaded: ServingDep) -> DecodeResponse:
     """The bit probabilities of each row's own codes: how well the autoencoder reconstructs it."""
-    weight, bias = decoder_of(loaded, "autoencoder")
-    x = decode_batch(request.inputs, loaded)
-    probabilities = decode(weight, bias, autoencode(loaded.model, x))
-    return DecodeResponse.model_validate({"probabilities": probabilities}, context={"rows": x.shape[0]})
+    to_bits = decoder(loaded, "autoencoder")
+    return to_bits(autoencode(loaded.model, decode_batch(request.inputs, loaded)))
 
 
-@encoders.post(
-    "/v1/vae/reconstruct",
-    response_model=DecodeResponse,
-    responses=CLIENT_ERRORS | NO_DECODER,
-    tags=["v1"],
-    summary="Encode binary rows with the VAE and decode their means",
-)
+@encoders.post("/v1/vae/reconstruct", summary="Encode binary rows with the VAE and decode their means", **DECODING)
 async def reconstruct_vae(request: AutoencoderRequest, loaded: ServingDep) -> DecodeResponse:
     """The bit probabilities of each row's posterior mean `mu`: the VAE's deterministic reconstruction
     (decode a sampled z with /v1/vae/decode for a random one)."""
-    weight, bias = decoder_of(loaded, "vae")
+    to_bits = decoder(loaded, "vae")
     x = decode_batch(request.inputs, loaded)
-    mu = affine(x, loaded.model.mu_weight, loaded.model.mu_bias)
-    return DecodeResponse.model_validate({"probabilities": decode(weight, bias, mu)}, context={"rows": x.shape[0]})
+    return to_bits(affine(x, loaded.model.mu_weight, loaded.model.mu_bias))
 
 
 @router.get("/v1/model", response_model=ModelInfo, responses=NOT_READY, tags=["v1"], summary="The served model")
