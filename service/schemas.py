@@ -53,6 +53,9 @@ def _describe(value: Any) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
+BITS = frozenset((0, 1))
+
+
 def _is_bit(value: Any) -> bool:
     # JSON booleans, and the numbers 0 and 1 (JSON Schema counts 1.0 as the number 1).
     return value is True or value is False or (type(value) in (int, float) and value in (0, 1))
@@ -72,7 +75,11 @@ def parse_bits(value: Any) -> Batch:
     if len(value) * (len(value[0]) if isinstance(value[0], list) else 1) <= SMALL_BATCH:
         # A few values: checking them one by one beats numpy's per-call cost, which a busy server pays cold.
         width = len(value[0]) if isinstance(value[0], list) else 0
-        if width and all(type(row) is list and len(row) == width and all(map(_is_bit, row)) for row in value):
+        try:  # a set test per row, in C: 0, 1, 0.0, 1.0, false and true are each equal to 0 or 1
+            fits = width and all(type(row) is list and len(row) == width and BITS.issuperset(row) for row in value)
+        except TypeError:  # an array or an object where a bit should be
+            fits = False
+        if fits:
             return np.array(value, dtype=np.float64)
         raise _explain(value)
     try:
