@@ -270,7 +270,8 @@ class ArrayModel(BaseModel):
         """The JSON text, checked for finiteness in the same pass: orjson writes NaN and infinity as
         null, and no field of an array response is ever null otherwise."""
         text = orjson.dumps(self.__dict__, option=orjson.OPT_SERIALIZE_NUMPY)
-        if b"null" in text:
+        # A one-byte search runs at memory speed; the four-byte one only if an "n" turns up at all.
+        if b"n" in text and b"null" in text:
             raise NonFiniteOutput(f"{type(self).__name__} holds a non-finite number")
         return text
 
