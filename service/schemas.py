@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, ClassVar, Literal
@@ -35,7 +36,7 @@ from service.model import DECODE_LIMIT, Array, Batch
 
 SEED_LIMIT = 2**63
 SAFETENSORS = b"application/x-safetensors"
-# Batches of up to this many values are checked value by value in Python, larger ones by numpy.
+# Batches of up to this many values are checked in Python (a set test per row), larger ones by numpy.
 SMALL_BATCH = 1024
 
 
@@ -72,9 +73,9 @@ def parse_bits(value: Any) -> Batch:
         raise _bit_error(f"expected an array of rows, got {_describe(value)}")
     if not value:
         raise _bit_error("expected at least one row, got an empty array")
-    if len(value) * (len(value[0]) if isinstance(value[0], list) else 1) <= SMALL_BATCH:
-        # A few values: checking them one by one beats numpy's per-call cost, which a busy server pays cold.
-        width = len(value[0]) if isinstance(value[0], list) else 0
+    width = len(value[0]) if isinstance(value[0], list) else 0
+    if len(value) * max(width, 1) <= SMALL_BATCH:
+        # A few values: checking them in Python beats numpy's per-call cost, which a busy server pays cold.
         try:  # a set test per row, in C: 0, 1, 0.0, 1.0, false and true are each equal to 0 or 1
             fits = width and all(type(row) is list and len(row) == width and BITS.issuperset(row) for row in value)
         except TypeError:  # an array or an object where a bit should be
@@ -88,13 +89,6 @@ def parse_bits(value: Any) -> Batch:
         raise _explain(value) from None
     if matrix.ndim == 2 and matrix.shape[1] > 0 and _all_bits(matrix):
         return matrix  # integer, boolean or float 0/1 values: service.model.affine makes them float64
-    raise _explain(value) from None
-    if matrix.ndim == 2 and matrix.shape[1] > 0 and _all_bits(matrix):
-        return matrix  # integer, boolean or float 0/1 values: service.model.affine makes them float64
-    raise _explain(value) from None
-    fits = matrix.ndim == 2 and matrix.shape[1] > 0 and matrix.dtype.kind in "biuf"
-    if fits and ((matrix == 0) | (matrix == 1)).all():
-        return matrix.astype(np.float64)
     raise _explain(value)
 
 
@@ -110,21 +104,23 @@ def _all_bits(matrix: npt.NDArray[Any]) -> bool:
     return False
 
 
-def _explain(rows: list[Any]) -> PydanticCustomError:
+def _explain(
+    rows: list[Any], valid: Callable[[Any], bool] = _is_bit, values: str = "0/1 values", value: str = "0 or 1"
+) -> PydanticCustomError:
     """The first thing wrong with rows that failed the fast check, as an error naming where it is."""
     for i, row in enumerate(rows):
         if not isinstance(row, list):
-            return _bit_error(f"row {i}: expected an array of 0/1 values, got {_describe(row)}", i)
+            return _bit_error(f"row {i}: expected an array of {values}, got {_describe(row)}", i)
         if not row:
-            return _bit_error(f"row {i}: expected 0/1 values, got an empty array", i)
+            return _bit_error(f"row {i}: expected {values}, got an empty array", i)
         for j, item in enumerate(row):
-            if not _is_bit(item):
-                return _bit_error(f"row {i}, column {j}: expected 0 or 1, got {_describe(item)}", i, j)
+            if not valid(item):
+                return _bit_error(f"row {i}, column {j}: expected {value}, got {_describe(item)}", i, j)
     width = len(rows[0])
     for i, row in enumerate(rows):
         if len(row) != width:
             return _bit_error(f"row {i}: has {len(row)} values, but row 0 has {width}", i)
-    return _bit_error("expected an array of rows of 0/1 values")  # pragma: no cover - the fast check agrees
+    return _bit_error(f"expected an array of rows of {values}")  # pragma: no cover - the fast check agrees
 
 
 def _json_int(value: Any) -> Any:
@@ -315,15 +311,7 @@ def parse_latents(value: Any) -> Array:
     width = len(value[0]) if isinstance(value[0], list) else 0
     if width and all(type(row) is list and len(row) == width and all(map(_is_latent, row)) for row in value):
         return np.array(value, dtype=np.float64)
-    for i, row in enumerate(value):
-        if not isinstance(row, list) or not row:
-            raise _bit_error(f"row {i}: expected an array of numbers, got {_describe(row)}", i)
-        for j, item in enumerate(row):
-            if not _is_latent(item):
-                expected = f"expected a number within +-{DECODE_LIMIT:g}"
-                raise _bit_error(f"row {i}, column {j}: {expected}, got {_describe(item)}", i, j)
-    bad = next(i for i, row in enumerate(value) if len(row) != width)
-    raise _bit_error(f"row {bad}: has {len(value[bad])} values, but row 0 has {width}", bad)
+    raise _explain(value, _is_latent, "numbers", f"a number within +-{DECODE_LIMIT:g}")
 
 
 def _latents(description: str) -> Any:
