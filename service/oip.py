@@ -213,7 +213,7 @@ def _tensor(tensor: RequestInput, binary: memoryview, input_dim: int) -> tuple[B
     elif tensor.data is None:
         raise ProtocolError(f"input {INPUT_NAME!r} has neither data nor binary_data_size")
     else:
-        values = _json_values(tensor.data, tensor.datatype, count)
+        values = _json_values(tensor.data, tensor.datatype)
         used = 0
     if values.size != count:
         raise ProtocolError(
@@ -229,7 +229,7 @@ def _tensor(tensor: RequestInput, binary: memoryview, input_dim: int) -> tuple[B
     return values.reshape(tensor.shape), used
 
 
-def _json_values(data: list[Any], datatype: str, count: int) -> npt.NDArray[Any]:
+def _json_values(data: list[Any], datatype: str) -> npt.NDArray[Any]:
     try:
         values = np.array(data).ravel()
     except (ValueError, TypeError, OverflowError):

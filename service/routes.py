@@ -1,5 +1,5 @@
 """Thin handlers: decode the request into arrays, compute with service.model, return the response
-model; the encode routes' LeanRoute writes it as JSON (ArrayModel.to_json)."""
+model; the encode routes' LeanRoute writes it as JSON or safetensors (ArrayModel.render)."""
 
 from __future__ import annotations
 

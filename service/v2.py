@@ -93,7 +93,7 @@ async def model_metadata(model_name: str, loaded: ServingDep, model_version: str
 
 @by_model("GET", "/ready", "Model readiness")
 async def model_ready(model_name: str, loaded: ServingDep, model_version: str | None = None) -> dict[str, Any]:
-    """200 with `ready: true` once the model is loaded."""
+    """200 with `ready: true` once the model is loaded (before, the `loaded` dependency answers 503)."""
     return {"name": oip.check_model(model_name, model_version), "ready": True}
 
 
