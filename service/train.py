@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.model import Array, Model, ModelError, seeded, sigmoid
+from service.model import Array, Model, ModelError, autoencode, decode, seeded, sigmoid, vae_encode
 
 Params = dict[str, Array]
 
@@ -188,8 +188,6 @@ def revive_dead_units(params: Params, train: Array) -> None:
 
 def reconstruction_accuracy(model: Model, x: Array) -> dict[str, float]:
     """Share of bits each model gets right, decoding the autoencoder's codes and the VAE's mu."""
-    from service.model import autoencode, decode, vae_encode
-
     codes = autoencode(model, x)
     mu = vae_encode(model, x, 1, 0).mu
     ae = decode(model.ae_decoder_weight, model.ae_decoder_bias, codes) > 0.5
@@ -243,9 +241,6 @@ def train(
     except ModelError as exc:
         raise ModelError(f"the trained weights cannot be served: {exc}") from None
     seconds = time.perf_counter() - began
-    mu = x[order[cut:]] if cut < n else x
-    held_mu = mu @ model.mu_weight + model.mu_bias
-    held_ls = mu @ model.ls_weight + model.ls_bias
     report = {
         "rows": n,
         "input_dim": d,
@@ -259,7 +254,7 @@ def train(
         },
         "vae": {"loss": vae_fit.train_loss, "held_out_loss": vae_fit.held_out_loss, "best_epoch": vae_fit.best_epoch},
         "held_out_accuracy": reconstruction_accuracy(model, held_x),
-        "held_out_kl": float(np.mean(0.5 * np.sum(held_mu**2 + np.exp(2 * held_ls) - 1 - 2 * held_ls, axis=1))),
+        "held_out_kl": float(np.mean(vae_encode(model, held_x, 1, 0).kl)),
         "seconds": round(seconds, 3),
         "rows_per_second": round(n * (len(ae_fit.train_loss) + len(vae_fit.train_loss)) / seconds),
         "fingerprint": model.fingerprint(),
