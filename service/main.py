@@ -23,7 +23,7 @@ from service.config import Settings, describe
 from service.docs import add_docs
 from service.http import BodyLimit, FastLane, OneLineStartupErrors, StartupError, validation_error_handler
 from service.model import ModelError, seeded
-from service.observe import Metrics, Observe, configure_logging
+from service.observe import AccessLog, Metrics, Observe, configure_logging
 from service.routes import Serving, encoders, router
 from service.schemas import Limits, ModelInfo
 from service.v2 import protocol_error_handler, v2
@@ -102,12 +102,19 @@ class Service(FastAPI):
     """
 
     def __init__(
-        self, *, lanes: Sequence[BaseRoute], outer: Sequence[Middleware], metrics: Metrics, **kwargs: Any
+        self,
+        *,
+        lanes: Sequence[BaseRoute],
+        outer: Sequence[Middleware],
+        metrics: Metrics,
+        access_log: AccessLog | None,
+        **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.lanes = lanes
         self.outer = outer
         self.metrics = metrics
+        self.access_log = access_log
 
     def build_middleware_stack(self) -> ASGIApp:
         app: ASGIApp = FastLane(super().build_middleware_stack(), self.lanes)
@@ -125,10 +132,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loaded = load(settings, app.metrics)
         keys = load_keys(settings)
         app.openapi_schema = spec.build(app, loaded.info, auth=keys is not None)
-        yield {"serving": loaded, "keys": keys}
+        try:
+            yield {"serving": loaded, "keys": keys}
+        finally:
+            if app.access_log is not None:
+                app.access_log.flush()
 
     configure_logging(settings.log_level)
     metrics = Metrics()
+    access_log = AccessLog() if settings.access_log and settings.log_level in ("trace", "debug", "info") else None
     paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes, *v2.routes]}
     paths |= {"/docs", "/redoc", "/openapi.json"}
     paths |= {  # the /v2 model routes, with their path parameters filled in: labels stay bounded
@@ -139,10 +151,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     app = Service(
         metrics=metrics,
+        access_log=access_log,
         lanes=encoders.routes,
         outer=[
             Middleware(OneLineStartupErrors),
-            Middleware(Observe, metrics=metrics, routes=paths, access_log=settings.access_log),
+            Middleware(Observe, metrics=metrics, routes=paths, access_log=access_log),
             *cors(settings),
             *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),
             Middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.request_timeout),

@@ -2,40 +2,27 @@
 
 from __future__ import annotations
 
+import asyncio
+import io
 import json
 import logging
-from collections.abc import Iterator
+import re
 
 import pytest
 from fastapi.testclient import TestClient
+from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import Settings
 from service.main import create_app
 from service.model import seeded
-from service.observe import JsonFormatter, configure_logging
+from service.observe import AccessLog, JsonFormatter, Metrics, configure_logging
 
 ROW = [[0, 1, 1, 0, 1]]
 
 
-class Collect(logging.Handler):
-    def __init__(self) -> None:
-        super().__init__()
-        self.lines: list[dict[str, object]] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.lines.append(json.loads(record.getMessage()))  # access-log records are JSON lines
-
-
-@pytest.fixture
-def access_log() -> Iterator[Collect]:
-    handler = Collect()
-    logger = logging.getLogger("service.access")
-    logger.addHandler(handler)
-    try:
-        yield handler
-    finally:
-        logger.removeHandler(handler)
+def _lines(stream: io.BytesIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
 def _samples(client: TestClient) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -79,22 +66,26 @@ def test_metrics_count_requests_rows_samples_and_name_the_model(client: TestClie
     assert ("fingerprint", seeded(0, 5, 2).fingerprint()) in info
 
 
-def test_access_log_is_one_json_line_per_request_without_the_data(client: TestClient, access_log: Collect) -> None:
+def test_access_log_is_one_json_line_per_request_without_the_data(client: TestClient) -> None:
+    stream = client.app.access_log.stream = io.BytesIO()  # type: ignore[attr-defined]
     client.post(
         "/v1/vae/encode",
         json={"inputs": [[1, 1, 1, 1, 1]], "seed": 987654321},
         headers={"x-request-id": "log-me"},
     )
     client.post("/v1/vae/encode", json={"inputs": [[1, 1, 1, 1, 7]]})
-    first, second = access_log.lines[-2:]
+    client.app.access_log.flush()  # type: ignore[attr-defined]
+    lines = _lines(stream)
+    first, second = lines
     assert first["request_id"] == "log-me"
     assert (first["method"], first["path"], first["status"]) == ("POST", "/v1/vae/encode", 200)
     assert first["level"] == "info"
     assert first["logger"] == "service.access"
     assert isinstance(first["duration_ms"], float)
     assert first["response_bytes"] > 0
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00", str(first["time"]))
     assert second["status"] == 422
-    text = json.dumps(access_log.lines)
+    text = json.dumps(lines)
     assert "987654321" not in text
     assert "inputs" not in text
     assert "[1, 1, 1, 1, 7]" not in text
@@ -107,11 +98,67 @@ def test_service_logs_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> 
     assert (line["level"], line["logger"], line["message"]) == ("warning", "service.test", "weights reloaded")
     configure_logging("info")
     configure_logging("info")  # once per process, however often it is called
-    ours = [h for h in logging.getLogger("service.access").handlers if getattr(h, "_service_json", False)]
+    ours = [h for h in logging.getLogger("service").handlers if getattr(h, "_service_json", False)]
     assert len(ours) == 1
 
 
-def test_access_log_can_be_turned_off(access_log: Collect) -> None:
-    with TestClient(create_app(Settings(access_log=False))) as quiet:
-        quiet.get("/healthz")
-    assert access_log.lines == []
+@pytest.mark.parametrize("settings", [Settings(access_log=False), Settings(log_level="warning")])
+def test_access_log_can_be_turned_off(settings: Settings) -> None:
+    app = create_app(settings)
+    assert app.access_log is None  # type: ignore[attr-defined]
+    with TestClient(app) as quiet:
+        assert quiet.get("/healthz").status_code == 200
+
+
+def test_access_log_lines_go_out_together_soon_after_and_at_shutdown() -> None:
+    stream = io.BytesIO()
+    with TestClient(create_app(Settings())) as client:
+        client.app.access_log.stream = stream  # type: ignore[attr-defined]
+        client.app.access_log.delay = 0.5  # type: ignore[attr-defined]
+        for _ in range(3):
+            client.get("/healthz")
+        assert stream.getvalue() == b""  # kept for now
+        portal_sleep = client.portal.call  # type: ignore[union-attr]
+        portal_sleep(asyncio.sleep, 0.8)  # the app's own event loop runs the delayed write
+        assert [line["path"] for line in _lines(stream)] == ["/healthz"] * 3
+        client.get("/readyz")
+    assert _lines(stream)[-1]["path"] == "/readyz"  # written when the app shut down
+
+
+class Chunks(io.BytesIO):
+    def __init__(self) -> None:
+        super().__init__()
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        self.writes.append(bytes(data))
+        return super().write(data)
+
+
+def test_access_log_writes_whole_lines_at_most_pipe_buf_at_a_time() -> None:
+    stream = Chunks()
+    log = AccessLog(stream)
+
+    async def write_many() -> None:
+        for i in range(200):
+            log.write({"n": i, "pad": "x" * (i % 50)})
+        log.flush()
+
+    asyncio.run(write_many())
+    assert len(stream.writes) > 1
+    assert all(len(chunk) <= AccessLog.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
+    assert [line["n"] for line in _lines(stream)] == list(range(200))
+
+
+def test_latency_buckets_count_what_is_at_or_below_their_bound() -> None:
+    metrics = Metrics()
+    for seconds in (0.0005, 0.0007, 0.001, 0.3, 20.0):
+        metrics.observe("/healthz", "GET", 200, seconds)
+    families = text_string_to_metric_families(generate_latest(metrics.registry).decode())
+    latency = next(f for f in families if f.name == "encoder_http_request_duration_seconds")
+    buckets = {s.labels["le"]: s.value for s in latency.samples if s.name.endswith("_bucket")}
+    for bound, count in buckets.items():
+        assert count == sum(1 for s in (0.0005, 0.0007, 0.001, 0.3, 20.0) if s <= float(bound)), bound
+    totals = {s.name: s.value for s in latency.samples if not s.name.endswith("_bucket")}
+    assert totals["encoder_http_request_duration_seconds_count"] == 5
+    assert totals["encoder_http_request_duration_seconds_sum"] == pytest.approx(20.3022)
