@@ -207,6 +207,39 @@ class BodyTooSlow(HTTPException):
         super().__init__(408, detail, headers={"Connection": "close"})
 
 
+class Deadlines:
+    """Deadlines for many waits at once, checked together every `tick` seconds.
+
+    Arming a timer for each wait (asyncio.timeout, loop.call_at) costs 2.5-4 us, measured, which a
+    one-row request feels; here a wait starts and ends with a dict insert and delete, one timer
+    runs while there are waits, and a deadline is acted on up to `tick` seconds after it passes.
+    """
+
+    def __init__(self, tick: float = 0.25) -> None:
+        self.tick = tick
+        self.waits: dict[object, tuple[float, Callable[[], object]]] = {}
+        self.timer: asyncio.TimerHandle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self, key: object, deadline: float, expire: Callable[[], object]) -> None:
+        """Call `expire()` once the loop's clock passes `deadline`, unless `end(key)` comes first."""
+        self.waits[key] = (deadline, expire)
+        if self.timer is None or self.loop is not asyncio.get_running_loop():  # a new loop: arm a timer on it
+            self.loop = asyncio.get_running_loop()
+            self.timer = self.loop.call_later(self.tick, self._check)
+
+    def end(self, key: object) -> None:
+        self.waits.pop(key, None)
+
+    def _check(self) -> None:
+        assert self.loop is not None
+        now = self.loop.time()
+        expired = [key for key, (deadline, _) in self.waits.items() if deadline <= now]
+        for key in expired:
+            self.waits.pop(key)[1]()
+        self.timer = self.loop.call_later(self.tick, self._check) if self.waits else None
+
+
 class BodyLimit:
     """Refuse a request body over `limit` bytes with 413 (at once from Content-Length, else as it
     streams), and one that takes over `timeout` seconds to arrive with 408: a client that trickles
@@ -216,6 +249,7 @@ class BodyLimit:
         self.app = app
         self.limit = limit
         self.timeout = timeout
+        self.deadlines = Deadlines(min(0.25, timeout / 4))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -235,16 +269,24 @@ class BodyLimit:
         received = 0
         deadline = asyncio.get_running_loop().time() + self.timeout
         complete = False
+        deadlines = self.deadlines
 
         async def limited_receive() -> Message:
             nonlocal received, complete
             if complete:  # after the body, receive() only waits for a disconnect: no deadline
                 return await receive()
+            task = asyncio.current_task()
+            assert task is not None
+            deadlines.start(task, deadline, task.cancel)
             try:
-                async with asyncio.timeout_at(deadline):
-                    message = await receive()
-            except TimeoutError:
-                raise BodyTooSlow(self.timeout) from None
+                message = await receive()
+            except asyncio.CancelledError:
+                expired = task not in deadlines.waits  # the deadline took the task out, then cancelled it
+                if expired and task.uncancel() == 0:  # and nobody else cancelled it too
+                    raise BodyTooSlow(self.timeout) from None
+                raise
+            finally:
+                deadlines.end(task)
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise BodyTooLarge(self.limit)  # FastAPI re-raises HTTPException from body reading

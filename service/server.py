@@ -8,11 +8,18 @@ from functools import cache
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
+from service.http import Deadlines
 
 
 @cache
 def _request_timeout() -> float:
     return Settings().request_timeout
+
+
+@cache
+def _heads() -> Deadlines:
+    """The deadlines of the request heads of every connection this process serves."""
+    return Deadlines(min(0.25, _request_timeout() / 4))
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -24,19 +31,12 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     closed. Idle keep-alive connections are uvicorn's own timeout_keep_alive's business.
     """
 
-    _head_deadline: asyncio.TimerHandle | None = None
-
     def _arm(self) -> None:
-        if self._head_deadline is None:
-            self._head_deadline = self.loop.call_later(_request_timeout(), self._head_too_slow)
-
-    def _disarm(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
+        heads = _heads()
+        if self not in heads.waits:  # the first request's head is due within the timeout of opening
+            heads.start(self, self.loop.time() + _request_timeout(), self._head_too_slow)
 
     def _head_too_slow(self) -> None:
-        self._head_deadline = None
         if not self.transport.is_closing():
             self.transport.close()
 
@@ -49,9 +49,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._arm()
 
     def on_headers_complete(self) -> None:
-        self._disarm()
+        _heads().end(self)
         super().on_headers_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self._disarm()
+        _heads().end(self)
         super().connection_lost(exc)
