@@ -1,11 +1,14 @@
 """Benchmark the service against the bare-ASGI floor, interleaved, and print ratios.
 
-    python bench/run.py [--rounds 3] [--duration 5] [--only A,C]
+    python bench/run.py [--rounds 3] [--duration 5] [--only A,C] [--floor-server uvicorn|service]
 
 Each round starts the floor (bench/floor.py) and the service (`encoding-service serve`, default
 settings but the input width), one worker each, pinned to core 0 with taskset, and loads each
-in turn with wrk pinned to core 1, on 127.0.0.1. Machines are shared and noisy, so what counts
-is each figure's ratio to the floor in the same round; the table shows the median over rounds.
+in turn with wrk pinned to core 1, on 127.0.0.1. The floor runs on plain uvicorn (uvloop and
+httptools), or with --floor-server service on the service's own protocol (service/server.py),
+which writes each response in one piece: that tells the app's overhead from the server's gain.
+Machines are shared and noisy, so what counts is each figure's ratio to the floor in the same
+round; the table shows the median over rounds.
 Needs wrk and taskset (Debian: apt-get install wrk util-linux).
 """
 
@@ -108,12 +111,14 @@ def _free_port() -> int:
         return port
 
 
-def start(kind: str, input_dim: int) -> Server:
+def start(kind: str, input_dim: int, floor_server: str = "uvicorn") -> Server:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
     env |= {"ENCODER_INPUT_DIM": str(input_dim), "PYTHONPATH": str(ROOT)}
     if kind == "floor":
         command = [sys.executable, "-m", "uvicorn", "bench.floor:app", "--port", str(port), "--no-access-log"]
+        if floor_server == "service":
+            command += ["--http", "service.server:GuardedHttpToolsProtocol"]
     else:
         command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     began = time.perf_counter()
@@ -208,6 +213,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds of load per server and workload")
     parser.add_argument("--only", default="", help="comma-separated workloads, e.g. A,C")
+    parser.add_argument(
+        "--floor-server", choices=["uvicorn", "service"], default="uvicorn", help="the server the floor runs on"
+    )
     args = parser.parse_args()
     for tool in ("wrk", "taskset"):
         if not shutil.which(tool):
@@ -228,7 +236,7 @@ def main() -> None:
     for round_ in range(1, args.rounds + 1):
         results: dict[tuple[str, str], Result] = {}
         for dim in sorted({w.input_dim for w in chosen}):
-            floor, service = start("floor", dim), start("service", dim)
+            floor, service = start("floor", dim, args.floor_server), start("service", dim)
             try:
                 for work in (w for w in chosen if w.input_dim == dim):
                     check_same_answers(floor, service, work)
@@ -253,7 +261,10 @@ def main() -> None:
                 ratios.add(f"floor {name}", getattr(base, name))
         print(f"round {round_} of {args.rounds} done", file=sys.stderr)
 
-    print(f"\n{args.rounds} rounds of {args.duration:g} s per server and workload; medians; ratio = service / floor\n")
+    print(
+        f"\n{args.rounds} rounds of {args.duration:g} s per server and workload; medians; ratio = service / floor; "
+        f"the floor on {'plain uvicorn' if args.floor_server == 'uvicorn' else 'the service protocol'}\n"
+    )
     print("| workload | service req/s | floor req/s | ratio | p50 ratio | p99 ratio | service rows/s | rows/s ratio |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for work in chosen:

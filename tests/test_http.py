@@ -1,4 +1,4 @@
-"""The HTTP plumbing on its own: coarse deadlines and the body limit's 408, at the ASGI level."""
+"""The HTTP plumbing on its own: coarse deadlines, the body limit's 408, one write a response."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from service.http import BodyLimit, BodyTooSlow, Deadlines, read_body
+from service.server import OneWrite
 
 
 def test_a_deadline_fires_within_a_tick_after_it_passes_and_not_after_it_ends() -> None:
@@ -74,3 +75,43 @@ def test_a_task_cancelled_by_someone_else_stays_cancelled() -> None:
 @pytest.mark.parametrize("timeout", [0.01, 1.0, 30.0])
 def test_the_tick_is_a_quarter_of_the_timeout_at_most(timeout: float) -> None:
     assert BodyLimit(_reads_body, limit=1, timeout=timeout).deadlines.tick == min(0.25, timeout / 4)
+
+
+class Recording:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        assert not self.closed
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+def test_one_write_sends_a_step_s_small_writes_together_and_big_ones_at_once() -> None:
+    async def run() -> Recording:
+        recording = Recording()
+        transport = OneWrite(recording, asyncio.get_running_loop())  # type: ignore[arg-type]
+        transport.write(b"HTTP/1.1 200 OK\r\n\r\n")
+        transport.write(b"body")
+        assert recording.writes == []  # held until this step is over
+        await asyncio.sleep(0)
+        assert recording.writes == [b"HTTP/1.1 200 OK\r\n\r\nbody"]
+        transport.write(b"head")
+        big = b"x" * OneWrite.HOLD
+        transport.write(big)  # what was held goes first, then the big write, uncopied
+        assert recording.writes[1:] == [b"head", big]
+        assert recording.writes[2] is big
+        transport.write(b"last")
+        transport.close()  # writes what it holds before closing
+        assert recording.writes[-1] == b"last"
+        assert transport.is_closing()  # anything else is the transport's own
+        await asyncio.sleep(0)  # the step's flush finds nothing left
+        return recording
+
+    assert len(asyncio.run(run()).writes) == 4
