@@ -141,13 +141,13 @@ def test_access_log_writes_whole_lines_at_most_pipe_buf_at_a_time() -> None:
 
     async def write_many() -> None:
         for i in range(200):
-            log.write({"n": i, "pad": "x" * (i % 50)})
+            log.request(str(i).encode(), "GET", "/" + "x" * (i % 50), 200, 0.001, 10, "127.0.0.1")
         log.flush()
 
     asyncio.run(write_many())
     assert len(stream.writes) > 1
     assert all(len(chunk) <= AccessLog.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
-    assert [line["n"] for line in _lines(stream)] == list(range(200))
+    assert [line["request_id"] for line in _lines(stream)] == [str(i) for i in range(200)]
 
 
 def test_latency_buckets_count_what_is_at_or_below_their_bound() -> None:
