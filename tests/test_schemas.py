@@ -84,6 +84,19 @@ def test_any_matrix_of_bits_parses_to_its_values(rows: list[list[Any]]) -> None:
     np.testing.assert_array_equal(parsed, np.array([[float(v) for v in row] for row in rows]))
 
 
+@given(
+    st.integers(150, 300), st.integers(7, 12), st.sampled_from([[0, 1], [0, 1, True, False], [0, 1, 1.0]]), st.data()
+)
+def test_any_large_matrix_of_bits_parses_to_its_values(
+    rows: int, width: int, values: list[Any], data: st.DataObject
+) -> None:
+    assert rows * width > SMALL_BATCH  # read as bytes, or by the set test once a float is among them
+    matrix = [data.draw(st.lists(st.sampled_from(values), min_size=width, max_size=width)) for _ in range(rows)]
+    parsed = AutoencoderRequest.model_validate({"inputs": matrix}).inputs
+    assert parsed.shape == (rows, width)
+    np.testing.assert_array_equal(parsed, np.array([[float(v) for v in row] for row in matrix]))
+
+
 bad_values = st.one_of(
     st.integers().filter(lambda v: v not in (0, 1)),
     st.floats().filter(lambda v: v not in (0, 1)),
@@ -94,7 +107,7 @@ bad_values = st.one_of(
 )
 
 
-# Small batches are checked value by value, large ones by numpy: the properties cover both.
+# Small batches get a set test a row, large ones are read as bytes: the properties cover both.
 SIZES = st.one_of(st.tuples(st.integers(1, 5), st.integers(1, 5)), st.tuples(st.integers(200, 300), st.integers(6, 9)))
 
 
@@ -183,6 +196,7 @@ def test_response_json_is_exact() -> None:
     ("tail", "where", "message"),
     [
         ([[0, 1, 1], [1]], [401], "row 401: has 1 values, but row 0 has 3"),
+        ([[0, 1], [1, 0, 1, 1]], [400], "row 400: has 2 values, but row 0 has 3"),  # as many values in all
         ([[0, 1, "1"]], [400, 2], "row 400, column 2: expected 0 or 1, got a string"),
         ([[0, None, 1]], [400, 1], "row 400, column 1: expected 0 or 1, got null"),
         ([[0, 1, 2]], [400, 2], "row 400, column 2: expected 0 or 1, got 2"),
