@@ -224,7 +224,7 @@ class Deadlines:
     def start(self, key: object, deadline: float, expire: Callable[[], object]) -> None:
         """Call `expire()` once the loop's clock passes `deadline`, unless `end(key)` comes first."""
         self.waits[key] = (deadline, expire)
-        if self.timer is None or self.loop is not asyncio.get_running_loop():  # a new loop: arm a timer on it
+        if self.timer is None or self.loop is None or self.loop.is_closed():  # arm a timer on the running loop
             self.loop = asyncio.get_running_loop()
             self.timer = self.loop.call_later(self.tick, self._check)
 
