@@ -162,3 +162,20 @@ def test_latency_buckets_count_what_is_at_or_below_their_bound() -> None:
     totals = {s.name: s.value for s in latency.samples if not s.name.endswith("_bucket")}
     assert totals["encoder_http_request_duration_seconds_count"] == 5
     assert totals["encoder_http_request_duration_seconds_sum"] == pytest.approx(20.3022)
+
+
+def test_access_log_lines_are_json_whatever_the_path_and_client() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream)
+    path, client = '/a"b\\c\n\u00e9\u2028', 'proxy "x"'
+
+    async def write_one() -> None:
+        log.request(b"id-1", "GET", path, 404, 0.0123456, 0, client)
+        log.flush()
+
+    asyncio.run(write_one())
+    (line,) = _lines(stream)
+    assert (line["path"], line["client"], line["request_id"], line["status"]) == (path, client, "id-1", 404)
+    assert line["duration_ms"] == 12.346
+    assert (line["level"], line["logger"], line["message"]) == ("info", "service.access", "request")
+    assert line["method"] == "GET"
