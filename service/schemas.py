@@ -17,7 +17,6 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import orjson
-import safetensors.numpy
 from pydantic import (
     BaseModel,
     BeforeValidator,
@@ -31,6 +30,7 @@ from pydantic import (
 from pydantic_core import PydanticCustomError
 
 from service.model import DECODE_LIMIT, Array, Batch
+from service.weights import safetensors
 
 SEED_LIMIT = 2**63
 SAFETENSORS = b"application/x-safetensors"
@@ -254,7 +254,8 @@ class ArrayModel(BaseModel):
             if not np.isfinite(value).all():
                 raise NonFiniteOutput(f"{type(self).__name__}.{name} holds a non-finite number")
         metadata = {name: str(value) for name, value in self.__dict__.items() if name not in arrays}
-        return safetensors.numpy.save(arrays, metadata=metadata or None)
+        data: bytes = safetensors().save(arrays, metadata=metadata or None)
+        return data
 
     def to_json(self) -> bytes:
         """The JSON text, checked for finiteness in the same pass: orjson writes NaN and infinity as

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from types import ModuleType
 
 import numpy as np
-import safetensors.numpy
 
 from service.model import Model, ModelError
 
@@ -31,6 +31,14 @@ def _suffix(path: Path) -> str:
     return suffix
 
 
+def safetensors() -> ModuleType:
+    """safetensors.numpy, imported on first use: a service that never meets the format does without
+    it (about 1 MiB of memory)."""
+    import safetensors.numpy
+
+    return safetensors.numpy
+
+
 def load(path: Path) -> Model:
     """Read and check a model; raise WeightsError naming the file and the problem."""
     suffix = _suffix(path)
@@ -47,7 +55,7 @@ def load(path: Path) -> Model:
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:
                 arrays = {name: archive[name] for name in archive.files}
         else:
-            arrays = safetensors.numpy.load(data)
+            arrays = safetensors().load(data)
     except Exception as exc:  # noqa: BLE001 - corrupt archives raise many kinds; each becomes one line
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise WeightsError(path, f"not a valid {suffix} file ({detail})") from None
@@ -65,4 +73,4 @@ def save(model: Model, path: Path) -> None:
         with path.open("wb") as file:
             np.savez(file, allow_pickle=False, **arrays)
     else:
-        safetensors.numpy.save_file(arrays, str(path))
+        safetensors().save_file(arrays, str(path))
