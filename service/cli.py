@@ -46,7 +46,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         workers=settings.workers if args.workers is None else args.workers,
         log_level=settings.log_level,
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
-        http=GuardedHttpToolsProtocol,  # a deadline for request heads (ENCODER_REQUEST_TIMEOUT)
+        http=GuardedHttpToolsProtocol,  # requests arrive within ENCODER_REQUEST_TIMEOUT; one write a response
         timeout_graceful_shutdown=30,
     )
     return 0

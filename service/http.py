@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import inspect
 import logging
 import sys
@@ -201,62 +200,30 @@ class BodyTooLarge(HTTPException):
         super().__init__(413, f"request body is larger than the limit of {limit} bytes (ENCODER_MAX_BODY_BYTES)")
 
 
-class BodyTooSlow(HTTPException):
-    def __init__(self, timeout: float) -> None:
-        detail = f"the request body did not arrive within {timeout:g} s (ENCODER_REQUEST_TIMEOUT)"
-        super().__init__(408, detail, headers={"Connection": "close"})
-
-
-class Deadlines:
-    """Deadlines for many waits at once, checked together every `tick` seconds.
-
-    Arming a timer for each wait (asyncio.timeout, loop.call_at) costs 2.5-4 us, measured, which a
-    one-row request feels; here a wait starts and ends with a dict insert and delete, one timer
-    runs while there are waits, and a deadline is acted on up to `tick` seconds after it passes.
-    """
-
-    def __init__(self, tick: float = 0.25) -> None:
-        self.tick = tick
-        self.waits: dict[object, tuple[float, Callable[[], object]]] = {}
-        self.timer: asyncio.TimerHandle | None = None
-        self.loop: asyncio.AbstractEventLoop | None = None
-
-    def start(self, key: object, deadline: float, expire: Callable[[], object]) -> None:
-        """Call `expire()` once the loop's clock passes `deadline`, unless `end(key)` comes first."""
-        self.waits[key] = (deadline, expire)
-        if self.timer is None or self.loop is None or self.loop.is_closed():  # arm a timer on the running loop
-            self.loop = asyncio.get_running_loop()
-            self.timer = self.loop.call_later(self.tick, self._check)
-
-    def end(self, key: object) -> None:
-        self.waits.pop(key, None)
-
-    def _check(self) -> None:
-        assert self.loop is not None
-        now = self.loop.time()
-        expired = [key for key, (deadline, _) in self.waits.items() if deadline <= now]
-        for key in expired:
-            self.waits.pop(key)[1]()
-        self.timer = self.loop.call_later(self.tick, self._check) if self.waits else None
+# Set in a request's scope when the server (service.server) answered 408 itself because the body
+# came too slowly: the app's own answer then went to a closed connection, and is not what the client got.
+TIMED_OUT = "encoding_service.timed_out"
 
 
 class BodyLimit:
-    """Refuse a request body over `limit` bytes with 413 (at once from Content-Length, else as it
-    streams), and one that takes over `timeout` seconds to arrive with 408: a client that trickles
-    its body, or never finishes it, is let go instead of being waited for."""
+    """Refuse a request body over `limit` bytes with 413: at once when its Content-Length says so,
+    and as it streams when it has none (the HTTP parser holds a declared body to its length, so
+    only those need counting). A body that arrives too slowly is the server's business
+    (service.server: 408 after ENCODER_REQUEST_TIMEOUT)."""
 
-    def __init__(self, app: ASGIApp, limit: int, timeout: float) -> None:
+    def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app
         self.limit = limit
-        self.timeout = timeout
-        self.deadlines = Deadlines(min(0.25, timeout / 4))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         declared = _content_length(scope)
-        if declared is not None and declared > self.limit:
+        if declared is not None:
+            if declared <= self.limit:
+                await self.app(scope, receive, send)
+                return
             error = BodyTooLarge(self.limit)
             response = Response(
                 orjson.dumps({"detail": error.detail}),
@@ -267,33 +234,16 @@ class BodyLimit:
             await response(scope, receive, send)
             return
         received = 0
-        deadline = asyncio.get_running_loop().time() + self.timeout
-        complete = False
-        deadlines = self.deadlines
 
-        async def limited_receive() -> Message:
-            nonlocal received, complete
-            if complete:  # after the body, receive() only waits for a disconnect: no deadline
-                return await receive()
-            task = asyncio.current_task()
-            assert task is not None
-            deadlines.start(task, deadline, task.cancel)
-            try:
-                message = await receive()
-            except asyncio.CancelledError:
-                expired = task not in deadlines.waits  # the deadline took the task out, then cancelled it
-                if expired and task.uncancel() == 0:  # and nobody else cancelled it too
-                    raise BodyTooSlow(self.timeout) from None
-                raise
-            finally:
-                deadlines.end(task)
+        async def counted_receive() -> Message:
+            nonlocal received
+            message = await receive()
             received += len(message.get("body", b""))
             if received > self.limit:
                 raise BodyTooLarge(self.limit)  # FastAPI re-raises HTTPException from body reading
-            complete = not message.get("more_body", False)
             return message
 
-        await self.app(scope, limited_receive, send)
+        await self.app(scope, counted_receive, send)
 
 
 def _content_length(scope: Scope) -> int | None:

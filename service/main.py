@@ -158,7 +158,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Middleware(Observe, metrics=metrics, routes=paths, access_log=access_log),
             *cors(settings),
             *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),
-            Middleware(BodyLimit, limit=settings.max_body_bytes, timeout=settings.request_timeout),
+            Middleware(BodyLimit, limit=settings.max_body_bytes),
         ],
         title="encoding-service",
         version=__version__,

@@ -18,6 +18,8 @@ from prometheus_client import CollectorRegistry, Info
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.http import TIMED_OUT
+
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -207,6 +209,8 @@ class Observe:
         finally:
             metrics.in_flight -= 1
             elapsed = time.perf_counter() - started
+            if TIMED_OUT in scope:  # the server answered 408 itself
+                status, size = 408, 0
             metrics.observe(self.route(scope["path"]), scope["method"], status, elapsed)
             if self.access_log is not None:
                 client = (scope.get("client") or ("", 0))[0]

@@ -51,6 +51,20 @@ def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server
     assert reply.startswith(b"HTTP/1.1 408")
     assert b"did not arrive within 1 s (ENCODER_REQUEST_TIMEOUT)" in reply
     assert 0.9 < time.monotonic() - began < 5
+    metrics = httpx.get(f"{impatient.url}/metrics").text  # counted as what the client got
+    assert 'encoder_http_requests_total{method="POST",route="/v1/autoencoder/encode",status="408"}' in metrics
+
+
+def test_a_late_body_after_a_kept_alive_request_gets_its_own_408(impatient: Server) -> None:
+    body = json.dumps({"inputs": [[0, 1, 1, 0, 1]]}).encode()
+    whole = HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    with _connect(impatient) as sock:
+        sock.sendall(whole + HEAD + b"Content-Length: 100\r\n\r\n" + b'{"inp')
+        reply = _read_all(sock)
+    first, _, second = reply.partition(b"HTTP/1.1 408")
+    assert first.startswith(b"HTTP/1.1 200")
+    assert b'"codes"' in first
+    assert b"did not arrive within 1 s" in second
 
 
 def test_a_body_that_never_starts_gets_408(impatient: Server) -> None:
