@@ -84,10 +84,8 @@ def test_any_matrix_of_bits_parses_to_its_values(rows: list[list[Any]]) -> None:
     np.testing.assert_array_equal(parsed, np.array([[float(v) for v in row] for row in rows]))
 
 
-@given(
-    st.integers(150, 300), st.integers(7, 12), st.sampled_from([[0, 1], [0, 1, True, False], [0, 1, 1.0]]), st.data()
-)
-def test_any_large_matrix_of_bits_parses_to_its_values(
+@given(st.integers(2, 300), st.integers(9, 12), st.sampled_from([[0, 1], [0, 1, True, False], [0, 1, 1.0]]), st.data())
+def test_any_larger_matrix_of_bits_parses_to_its_values(
     rows: int, width: int, values: list[Any], data: st.DataObject
 ) -> None:
     assert rows * width > SMALL_BATCH  # read as bytes, or by the set test once a float is among them
@@ -108,7 +106,7 @@ bad_values = st.one_of(
 
 
 # Small batches get a set test a row, large ones are read as bytes: the properties cover both.
-SIZES = st.one_of(st.tuples(st.integers(1, 5), st.integers(1, 5)), st.tuples(st.integers(200, 300), st.integers(6, 9)))
+SIZES = st.one_of(st.tuples(st.integers(1, 4), st.integers(1, 4)), st.tuples(st.integers(200, 300), st.integers(6, 9)))
 
 
 @given(SIZES, st.data())
