@@ -115,7 +115,7 @@ class AccessLog:
         self.stream = stream  # None: sys.stdout, as it is when the lines are written
         self.delay = delay
         self.kept: list[Request] = []
-        self.pending: asyncio.TimerHandle | None = None
+        self.pending: asyncio.Handle | None = None
         self.second: tuple[int, bytes] = (0, b"")
 
     def request(
@@ -123,8 +123,10 @@ class AccessLog:
     ) -> None:
         """Keep one request's line, stamped with the time now."""
         self.kept.append((time.time(), request_id, method, path, status, seconds, size, client))
-        if len(self.kept) >= self.KEEP:
-            self.flush()
+        if len(self.kept) == self.KEEP:  # soon, but after this step: its response goes out first
+            if self.pending is not None:
+                self.pending.cancel()
+            self.pending = asyncio.get_running_loop().call_soon(self.flush)
         elif self.pending is None:
             self.pending = asyncio.get_running_loop().call_later(self.delay, self.flush)
 

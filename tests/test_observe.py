@@ -179,3 +179,17 @@ def test_access_log_lines_are_json_whatever_the_path_and_client() -> None:
     assert line["duration_ms"] == 12.346
     assert (line["level"], line["logger"], line["message"]) == ("info", "service.access", "request")
     assert line["method"] == "GET"
+
+
+def test_a_full_batch_is_written_right_after_the_step_that_filled_it() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream, delay=3600)
+
+    async def fill() -> None:
+        for i in range(AccessLog.KEEP + 1):
+            log.request(str(i).encode(), "GET", "/healthz", 200, 0.001, 10, "127.0.0.1")
+        assert stream.getvalue() == b""  # not in the step that answers a request
+        await asyncio.sleep(0)
+        assert len(_lines(stream)) == AccessLog.KEEP + 1
+
+    asyncio.run(fill())
