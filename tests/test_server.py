@@ -1,10 +1,13 @@
-"""The server's plumbing on its own: coarse deadlines, and one write a response."""
+"""The server's plumbing: coarse deadlines, and one write a response."""
 
 from __future__ import annotations
 
 import asyncio
+import socket
+import sys
 
 from service.server import Deadlines, OneWrite
+from tests.conftest import start_server
 
 
 def test_a_deadline_fires_within_a_tick_after_it_passes_and_not_after_it_ends() -> None:
@@ -81,3 +84,26 @@ def test_deadlines_arm_a_new_timer_when_their_loop_is_gone() -> None:
     assert deadlines.timer is not None  # armed on a loop that is gone
     asyncio.run(wait_for("second"))  # a new loop, as each test client has
     assert fired == ["first", "second"]
+
+
+def test_a_served_response_arrives_in_one_piece() -> None:
+    """Head and body in one write, so one recv() holds the whole response; with uvicorn's two
+    writes the head often arrives alone."""
+    server = start_server([sys.executable, "-m", "service.cli", "serve", "--port", "{port}"])
+    try:
+        host, port = server.url.removeprefix("http://").split(":")
+        body = b'{"inputs": [[0, 1, 1, 0, 1]]}'
+        request = (
+            b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
+        )
+        with socket.create_connection((host, int(port)), timeout=10) as sock:
+            for _ in range(20):
+                sock.sendall(request)
+                head, _, content = sock.recv(65536).partition(b"\r\n\r\n")
+                headers = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+                assert head.startswith(b"HTTP/1.1 200")
+                assert len(content) == int(headers[b"content-length"])
+                assert b'"codes"' in content
+    finally:
+        server.stop()
