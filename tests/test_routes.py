@@ -339,3 +339,18 @@ def test_without_decoders_the_decode_routes_say_so(client: TestClient) -> None:
         response = client.post(path, json=body)
         assert response.status_code == 409
         assert "no decoder" in response.json()["detail"]
+
+
+def test_a_bug_is_a_plain_500_without_a_traceback(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def broken(*_: Any) -> Any:
+        raise RuntimeError("a bug in the model code")
+
+    monkeypatch.setattr("service.routes.autoencode", broken)
+    with TestClient(create_app(Settings()), raise_server_exceptions=False) as client:
+        response = client.post("/v1/autoencoder/encode", json={"inputs": ROWS})
+        assert (response.status_code, response.json()) == (500, {"detail": "internal server error"})
+        assert "RuntimeError" not in response.text
+        assert client.post("/v1/vae/encode", json={"inputs": ROWS}).status_code == 200  # and it serves on
+    assert any("a bug in the model code" in (record.exc_text or "") for record in caplog.records)
