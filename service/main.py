@@ -14,6 +14,7 @@ from fastapi.routing import APIRoute
 from pydantic import ValidationError
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 
@@ -21,7 +22,14 @@ from service import __version__, oip, spec, weights
 from service.auth import Keys, RequireKey
 from service.config import Settings, describe
 from service.docs import add_docs
-from service.http import BodyLimit, FastLane, OneLineStartupErrors, StartupError, validation_error_handler
+from service.http import (
+    BodyLimit,
+    FastLane,
+    OneLineStartupErrors,
+    StartupError,
+    client_gone_handler,
+    validation_error_handler,
+)
 from service.model import ModelError, seeded
 from service.observe import AccessLog, Metrics, Observe, configure_logging
 from service.routes import Serving, encoders, router
@@ -177,6 +185,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(v2)
     add_docs(app)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(ClientDisconnect, client_gone_handler)
     app.add_exception_handler(oip.ProtocolError, protocol_error_handler)
     return app
 

@@ -43,16 +43,33 @@ def impatient() -> Server:
     server.stop()
 
 
-def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server) -> None:
+@pytest.mark.parametrize("path", ["/v1/autoencoder/encode", "/v2/models/autoencoder/infer"])
+def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server, path: str) -> None:
     with _connect(impatient) as sock:
         began = time.monotonic()
-        sock.sendall(HEAD + b"Content-Length: 100\r\n\r\n" + b'{"inp')
+        head = HEAD.replace(b"/v1/autoencoder/encode", path.encode())
+        sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"inp')
         reply = _read_all(sock)  # returns once the server closes the connection
     assert reply.startswith(b"HTTP/1.1 408")
     assert b"did not arrive within 1 s (ENCODER_REQUEST_TIMEOUT)" in reply
     assert 0.9 < time.monotonic() - began < 5
     metrics = httpx.get(f"{impatient.url}/metrics").text  # counted as what the client got
-    assert 'encoder_http_requests_total{method="POST",route="/v1/autoencoder/encode",status="408"}' in metrics
+    assert f'encoder_http_requests_total{{method="POST",route="{path}",status="408"}}' in metrics
+    assert "Traceback" not in impatient.output()  # the app's side of it, a body cut short, is no error
+
+
+@pytest.mark.parametrize("path", ["/v1/autoencoder/encode", "/v2/models/autoencoder/infer"])
+def test_a_client_that_leaves_mid_body_is_counted_499_without_a_traceback(impatient: Server, path: str) -> None:
+    with _connect(impatient) as sock:
+        head = HEAD.replace(b"/v1/autoencoder/encode", path.encode())
+        sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"inp')
+        time.sleep(0.2)  # the app is reading the body
+    deadline = time.monotonic() + 5
+    label = f'encoder_http_requests_total{{method="POST",route="{path}",status="499"}}'
+    while label not in (metrics := httpx.get(f"{impatient.url}/metrics").text) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert label in metrics
+    assert "Traceback" not in impatient.output()
 
 
 def test_a_late_body_after_a_kept_alive_request_gets_its_own_408(impatient: Server) -> None:
