@@ -8,8 +8,9 @@ import os
 import time
 from pathlib import Path
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from service.http import problem
 
 PROTECTED = ("/v1/", "/v2")
 OPEN = ("/v2/health/",)  # the protocol's own probes stay open, as /healthz and /readyz do
@@ -89,7 +90,7 @@ class RequireKey:
                 "headers": [(b"content-type", b"application/json"), (b"www-authenticate", challenge)],
             }
         )
-        await send({"type": "http.response.body", "body": orjson.dumps({"detail": detail})})
+        await send({"type": "http.response.body", "body": problem(path, detail)})
 
 
 def _presented_key(scope: Scope) -> bytes | None:

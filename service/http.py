@@ -198,6 +198,12 @@ async def parse_json_body(scope: Scope, receive: Receive, model: type[ModelT]) -
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+def problem(path: str, message: str) -> bytes:
+    """An error body in the shape of the API the path belongs to: {"error": ...} on the Open
+    Inference Protocol's /v2, {"detail": ...} (FastAPI's) everywhere else."""
+    return orjson.dumps({"error" if path == "/v2" or path.startswith("/v2/") else "detail": message})
+
+
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body is larger than the limit of {limit} bytes (ENCODER_MAX_BODY_BYTES)")
@@ -229,7 +235,7 @@ class BodyLimit:
                 return
             error = BodyTooLarge(self.limit)
             response = Response(
-                orjson.dumps({"detail": error.detail}),
+                problem(scope["path"], error.detail),
                 status_code=413,
                 media_type="application/json",
                 headers={"Connection": "close"},

@@ -88,16 +88,15 @@ def _require_keys(document: dict[str, Any]) -> None:
         "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: <API key>"},
     }
-    unauthorized = {"description": "No API key, or not a valid one.", "content": _problem()}
     for path, operations in document["paths"].items():
-        if path.startswith(("/v1/", "/v2/")):
+        if path.startswith(("/v1/", "/v2")) and not path.startswith("/v2/health/"):  # as RequireKey has it
+            schema = "ErrorResponse" if path.startswith("/v2") else "Problem"  # each API's own error shape
             for operation in operations.values():
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]
-                operation["responses"]["401"] = unauthorized
-
-
-def _problem() -> dict[str, Any]:
-    return {"application/json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+                operation["responses"]["401"] = {
+                    "description": "No API key, or not a valid one.",
+                    "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{schema}"}}},
+                }
 
 
 def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__, oip
@@ -23,6 +23,7 @@ Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": oip.ErrorResponse, "description": "A request the protocol or the model cannot serve."},
     404: {"model": oip.ErrorResponse, "description": "No such model, or no such version of it."},
+    413: {"model": oip.ErrorResponse, "description": "A body over ENCODER_MAX_BODY_BYTES."},
 }
 BODY = {
     "requestBody": {
@@ -103,7 +104,10 @@ async def infer(model_name: str, request: Request, loaded: ServingDep, model_ver
     `log_sigma`, `z`, `kl`; parameters `seed` and `samples`, the seed used coming back in the
     response's parameters). The numbers are those of /v1 for the same rows and seed."""
     name = oip.check_model(model_name, model_version)
-    body = await request.body()
+    try:
+        body = await request.body()
+    except HTTPException as exc:  # a body over ENCODER_MAX_BODY_BYTES, found as it streamed
+        raise oip.ProtocolError(str(exc.detail), exc.status_code) from None
     decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
     content, headers = _compute(name, decoded, loaded)
     return Response(content, headers=headers)

@@ -202,7 +202,35 @@ def test_v2_needs_the_key_but_its_probes_do_not() -> None:
     with TestClient(create_app(Settings(api_key="k"))) as locked:
         assert locked.get("/v2/health/ready").status_code == 200
         assert locked.get("/v2/health/live").status_code == 200
-        assert locked.get("/v2").status_code == 401
-        assert locked.get("/v2/models/vae").status_code == 401
-        assert _infer(locked, _request()).status_code == 401
+        for response in (locked.get("/v2"), locked.get("/v2/models/vae"), _infer(locked, _request())):
+            assert response.status_code == 401
+            assert response.json() == {
+                "error": "a valid API key is required: send Authorization: Bearer <key> (or X-API-Key: <key>)"
+            }  # the protocol's error shape
         assert _infer(locked, _request(), authorization="Bearer k").status_code == 200
+        paths = locked.get("/openapi.json").json()["paths"]
+    for path in ("/v2", "/v2/models/{model_name}", "/v2/models/{model_name}/infer"):
+        for operation in paths[path].values():
+            assert operation["security"]
+            assert operation["responses"]["401"]["content"]["application/json"]["schema"] == {
+                "$ref": "#/components/schemas/ErrorResponse"
+            }
+    assert "security" not in paths["/v2/health/live"]["get"]
+
+
+def test_v2_bodies_over_the_size_limit_get_413_in_the_protocol_s_shape() -> None:
+    from service.config import Settings
+    from service.main import create_app
+
+    body = json.dumps({"inputs": [{"name": "input", "shape": [40, 5], "datatype": "INT32", "data": [0, 1] * 100}]})
+    with TestClient(create_app(Settings(max_body_bytes=100))) as client:
+        declared = _infer(client, body.encode())
+
+        def chunks() -> Any:  # no Content-Length: counted while it streams
+            yield body[:60].encode()
+            yield body[60:].encode()
+
+        streamed = client.post("/v2/models/vae/infer", content=chunks())
+    message = "request body is larger than the limit of 100 bytes (ENCODER_MAX_BODY_BYTES)"
+    assert (declared.status_code, declared.json()) == (413, {"error": message})
+    assert (streamed.status_code, streamed.json()) == (413, {"error": message})
