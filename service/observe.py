@@ -116,6 +116,7 @@ class AccessLog:
         self.delay = delay
         self.kept: list[Request] = []
         self.pending: asyncio.Handle | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self.second: tuple[int, bytes] = (0, b"")
 
     def request(
@@ -126,9 +127,11 @@ class AccessLog:
         if len(self.kept) == self.KEEP:  # soon, but after this step: its response goes out first
             if self.pending is not None:
                 self.pending.cancel()
-            self.pending = asyncio.get_running_loop().call_soon(self.flush)
-        elif self.pending is None:
-            self.pending = asyncio.get_running_loop().call_later(self.delay, self.flush)
+            self.loop = asyncio.get_running_loop()
+            self.pending = self.loop.call_soon(self.flush)
+        elif self.pending is None or self.loop is None or self.loop.is_closed():  # a test client's loop may be gone
+            self.loop = asyncio.get_running_loop()
+            self.pending = self.loop.call_later(self.delay, self.flush)
 
     def lines(self, kept: list[Request]) -> Iterator[bytes]:
         """The JSON lines, made with one template: the request id is a safe token (REQUEST_ID, or

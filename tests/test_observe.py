@@ -193,3 +193,16 @@ def test_a_full_batch_is_written_right_after_the_step_that_filled_it() -> None:
         assert len(_lines(stream)) == AccessLog.KEEP + 1
 
     asyncio.run(fill())
+
+
+def test_lines_kept_when_a_loop_ends_go_out_with_the_next_loop_s_batch() -> None:
+    stream = io.BytesIO()
+    log = AccessLog(stream, delay=0.05)
+
+    async def one(request_id: bytes, wait: float) -> None:
+        log.request(request_id, "GET", "/healthz", 200, 0.001, 10, "127.0.0.1")
+        await asyncio.sleep(wait)
+
+    asyncio.run(one(b"first", 0))  # its loop ends before the delayed write
+    asyncio.run(one(b"second", 0.2))  # as a test client without a lifespan does, request after request
+    assert [line["request_id"] for line in _lines(stream)] == ["first", "second"]
