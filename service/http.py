@@ -198,10 +198,15 @@ async def parse_json_body(scope: Scope, receive: Receive, model: type[ModelT]) -
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
 
+def is_v2(path: str) -> bool:
+    """Whether the path belongs to the Open Inference Protocol's API."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
 def problem(path: str, message: str) -> bytes:
     """An error body in the shape of the API the path belongs to: {"error": ...} on the Open
     Inference Protocol's /v2, {"detail": ...} (FastAPI's) everywhere else."""
-    return orjson.dumps({"error" if path == "/v2" or path.startswith("/v2/") else "detail": message})
+    return orjson.dumps({"error" if is_v2(path) else "detail": message})
 
 
 class BodyTooLarge(HTTPException):

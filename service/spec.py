@@ -7,6 +7,8 @@ from typing import Any
 
 from fastapi import FastAPI
 
+from service.auth import OPEN, PROTECTED
+from service.http import is_v2
 from service.oip import InferenceRequest
 from service.schemas import SEED_LIMIT, ModelInfo
 
@@ -89,8 +91,8 @@ def _require_keys(document: dict[str, Any]) -> None:
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: <API key>"},
     }
     for path, operations in document["paths"].items():
-        if path.startswith(("/v1/", "/v2")) and not path.startswith("/v2/health/"):  # as RequireKey has it
-            schema = "ErrorResponse" if path.startswith("/v2") else "Problem"  # each API's own error shape
+        if path.startswith(PROTECTED) and not path.startswith(OPEN):  # what RequireKey guards
+            schema = "ErrorResponse" if is_v2(path) else "Problem"  # each API's own error shape
             for operation in operations.values():
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]
                 operation["responses"]["401"] = {
