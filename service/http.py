@@ -10,10 +10,11 @@ from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints
 
 import orjson
 from fastapi import HTTPException, Request, Response, params
-from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
+from fastapi.utils import is_body_allowed_for_status_code
 from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -141,7 +142,7 @@ class FastLane:
         except RequestValidationError as exc:
             response = await validation_error_handler(Request(scope), exc)
         except HTTPException as exc:
-            response = await http_exception_handler(Request(scope), exc)
+            response = await http_error_handler(Request(scope), exc)
         except ClientDisconnect as exc:
             response = await client_gone_handler(Request(scope), exc)
         except Exception:
@@ -203,7 +204,7 @@ def is_v2(path: str) -> bool:
     return path == "/v2" or path.startswith("/v2/")
 
 
-def problem(path: str, message: str) -> bytes:
+def problem(path: str, message: Any) -> bytes:
     """An error body in the shape of the API the path belongs to: {"error": ...} on the Open
     Inference Protocol's /v2, {"detail": ...} (FastAPI's) everywhere else."""
     return orjson.dumps({"error" if is_v2(path) else "detail": message})
@@ -311,6 +312,16 @@ async def validation_error_handler(request: Request, exc: Exception) -> Response
     assert isinstance(exc, RequestValidationError)
     detail = [_clean(error) for error in exc.errors()]
     return Response(orjson.dumps({"detail": detail}), status_code=422, media_type="application/json")
+
+
+async def http_error_handler(request: Request, exc: Exception) -> Response:
+    """FastAPI's answer to an HTTPException (its status, its headers), with the body in the shape of
+    the path's API (problem): every error of /v2, wherever it is raised, is the protocol's."""
+    assert isinstance(exc, StarletteHTTPException)
+    if not is_body_allowed_for_status_code(exc.status_code):
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    content = problem(request.scope["path"], exc.detail)
+    return Response(content, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
 
 
 async def client_gone_handler(request: Request, exc: Exception) -> Response:

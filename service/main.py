@@ -12,6 +12,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
@@ -28,6 +29,7 @@ from service.http import (
     OneLineStartupErrors,
     StartupError,
     client_gone_handler,
+    http_error_handler,
     validation_error_handler,
 )
 from service.model import ModelError, seeded
@@ -184,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(router)
     app.include_router(v2)
     add_docs(app)
+    app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ClientDisconnect, client_gone_handler)
     app.add_exception_handler(oip.ProtocolError, protocol_error_handler)

@@ -10,7 +10,7 @@ import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__, oip
@@ -104,10 +104,7 @@ async def infer(model_name: str, request: Request, loaded: ServingDep, model_ver
     `log_sigma`, `z`, `kl`; parameters `seed` and `samples`, the seed used coming back in the
     response's parameters). The numbers are those of /v1 for the same rows and seed."""
     name = oip.check_model(model_name, model_version)
-    try:
-        body = await request.body()
-    except HTTPException as exc:  # a body over ENCODER_MAX_BODY_BYTES, found as it streamed
-        raise oip.ProtocolError(str(exc.detail), exc.status_code) from None
+    body = await request.body()
     decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
     content, headers = _compute(name, decoded, loaded)
     return Response(content, headers=headers)

@@ -234,3 +234,19 @@ def test_v2_bodies_over_the_size_limit_get_413_in_the_protocol_s_shape() -> None
     message = "request body is larger than the limit of 100 bytes (ENCODER_MAX_BODY_BYTES)"
     assert (declared.status_code, declared.json()) == (413, {"error": message})
     assert (streamed.status_code, streamed.json()) == (413, {"error": message})
+
+
+def test_every_v2_error_is_the_protocol_s_shape_and_v1_keeps_fastapi_s() -> None:
+    from service.config import Settings
+    from service.main import create_app
+
+    app = create_app(Settings())
+    not_loaded = TestClient(app).get("/v2/models/vae")  # no lifespan: no model yet
+    assert (not_loaded.status_code, not_loaded.json()) == (503, {"error": "the model is not loaded yet"})
+    with TestClient(app) as client:
+        missing = client.get("/v2/models/vae/nothing")
+        assert (missing.status_code, missing.json()) == (404, {"error": "Not Found"})
+        wrong_method = client.get("/v2/models/vae/infer")
+        assert (wrong_method.status_code, wrong_method.json()) == (405, {"error": "Method Not Allowed"})
+        assert wrong_method.headers["allow"] == "POST"
+        assert client.get("/v1/nothing").json() == {"detail": "Not Found"}
