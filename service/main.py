@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
@@ -150,7 +151,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     configure_logging(settings.log_level)
     metrics = Metrics()
-    access_log = AccessLog() if settings.access_log and settings.log_level in ("trace", "debug", "info") else None
+    logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
+    access_log = AccessLog() if settings.access_log and logs_info else None  # its lines are at info
     paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes, *v2.routes]}
     paths |= {"/docs", "/redoc", "/openapi.json"}
     paths |= {  # the /v2 model routes, with their path parameters filled in: labels stay bounded
