@@ -1,8 +1,9 @@
 """Request and response models.
 
 Bit matrices are validated a row at a time in C, never value by value in Python (parse_bits),
-and walked value by value only to say where, when something is wrong. Responses hold numpy arrays, are checked for
-shape and finiteness in one pass, and are written by orjson without lists of lists.
+and walked value by value only to say where, when something is wrong. Responses hold numpy
+arrays, are checked for shape and finiteness in one pass, and are written by orjson without
+lists of lists.
 """
 
 from __future__ import annotations
