@@ -8,11 +8,10 @@ from collections.abc import Callable
 from functools import cache
 from typing import Any, cast
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
-from service.http import TIMED_OUT
+from service.http import TIMED_OUT, problem
 
 
 class Deadlines:
@@ -59,10 +58,9 @@ def _arrivals() -> Deadlines:
     return Deadlines(min(0.25, _request_timeout() / 4))
 
 
-@cache
-def _too_slow_response() -> bytes:
+def _too_slow_response(path: str) -> bytes:
     detail = f"the request body did not arrive within {_request_timeout():g} s (ENCODER_REQUEST_TIMEOUT)"
-    body = orjson.dumps({"detail": detail})
+    body = problem(path, detail)  # in the shape of the path's API, as the app's own errors are
     head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
 
@@ -134,7 +132,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         body_late = cycle is not None and cycle.scope is self.scope and not cycle.response_started
         if body_late and not self.pipeline:  # and nothing answered, or queued to be, on this connection
             cast(dict[str, Any], cycle.scope)[TIMED_OUT] = True
-            self.transport.write(_too_slow_response())
+            self.transport.write(_too_slow_response(self.scope["path"]))
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]

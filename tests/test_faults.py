@@ -52,6 +52,7 @@ def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server
         reply = _read_all(sock)  # returns once the server closes the connection
     assert reply.startswith(b"HTTP/1.1 408")
     assert b"did not arrive within 1 s (ENCODER_REQUEST_TIMEOUT)" in reply
+    assert (b'{"error":' if path.startswith("/v2") else b'{"detail":') in reply  # each API's shape
     assert 0.9 < time.monotonic() - began < 5
     metrics = httpx.get(f"{impatient.url}/metrics").text  # counted as what the client got
     assert f'encoder_http_requests_total{{method="POST",route="{path}",status="408"}}' in metrics
