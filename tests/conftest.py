@@ -65,10 +65,24 @@ class Server:
         self.log.close()
         return self.process.returncode
 
+    def connect(self, timeout: float = 15) -> socket.socket:
+        """A raw TCP connection to the server, for what an HTTP client would not send."""
+        host, port = self.url.removeprefix("http://").split(":")
+        return socket.create_connection((host, int(port)), timeout=timeout)
+
     def output(self) -> str:
         """What the server wrote to stderr so far."""
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection: a response may come in any
+    number of segments (plain uvicorn writes its head and body apart)."""
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def start_server(command: list[str] | None = None, timeout: float = 20.0, **settings: str) -> Server:

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,23 +16,10 @@ import pytest
 
 from service import weights
 from service.model import seeded
-from tests.conftest import ROOT, Server, free_port, server_env, start_server
+from tests.conftest import ROOT, Server, free_port, read_until_closed, server_env, start_server
 
 SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
 HEAD = b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
-
-
-def _connect(server: Server) -> socket.socket:
-    host, port = server.url.removeprefix("http://").split(":")
-    sock = socket.create_connection((host, int(port)), timeout=15)
-    return sock
-
-
-def _read_all(sock: socket.socket) -> bytes:
-    chunks = []
-    while chunk := sock.recv(65536):
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +31,11 @@ def impatient() -> Server:
 
 @pytest.mark.parametrize("path", ["/v1/autoencoder/encode", "/v2/models/autoencoder/infer"])
 def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server, path: str) -> None:
-    with _connect(impatient) as sock:
+    with impatient.connect() as sock:
         began = time.monotonic()
         head = HEAD.replace(b"/v1/autoencoder/encode", path.encode())
         sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"inp')
-        reply = _read_all(sock)  # returns once the server closes the connection
+        reply = read_until_closed(sock)  # returns once the server closes the connection
     assert reply.startswith(b"HTTP/1.1 408")
     assert b"did not arrive within 1 s (ENCODER_REQUEST_TIMEOUT)" in reply
     assert (b'{"error":' if path.startswith("/v2") else b'{"detail":') in reply  # each API's shape
@@ -61,7 +47,7 @@ def test_a_trickled_body_gets_408_and_the_connection_is_closed(impatient: Server
 
 @pytest.mark.parametrize("path", ["/v1/autoencoder/encode", "/v2/models/autoencoder/infer"])
 def test_a_client_that_leaves_mid_body_is_counted_499_without_a_traceback(impatient: Server, path: str) -> None:
-    with _connect(impatient) as sock:
+    with impatient.connect() as sock:
         head = HEAD.replace(b"/v1/autoencoder/encode", path.encode())
         sock.sendall(head + b"Content-Length: 100\r\n\r\n" + b'{"inp')
         time.sleep(0.2)  # the app is reading the body
@@ -76,9 +62,9 @@ def test_a_client_that_leaves_mid_body_is_counted_499_without_a_traceback(impati
 def test_a_late_body_after_a_kept_alive_request_gets_its_own_408(impatient: Server) -> None:
     body = json.dumps({"inputs": [[0, 1, 1, 0, 1]]}).encode()
     whole = HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
-    with _connect(impatient) as sock:
+    with impatient.connect() as sock:
         sock.sendall(whole + HEAD + b"Content-Length: 100\r\n\r\n" + b'{"inp')
-        reply = _read_all(sock)
+        reply = read_until_closed(sock)
     first, _, second = reply.partition(b"HTTP/1.1 408")
     assert first.startswith(b"HTTP/1.1 200")
     assert b'"codes"' in first
@@ -86,17 +72,17 @@ def test_a_late_body_after_a_kept_alive_request_gets_its_own_408(impatient: Serv
 
 
 def test_a_body_that_never_starts_gets_408(impatient: Server) -> None:
-    with _connect(impatient) as sock:
+    with impatient.connect() as sock:
         sock.sendall(HEAD + b"Content-Length: 10\r\n\r\n")
-        assert _read_all(sock).startswith(b"HTTP/1.1 408")
+        assert read_until_closed(sock).startswith(b"HTTP/1.1 408")
 
 
 @pytest.mark.parametrize("sent", [b"", b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\n"])
 def test_slow_or_missing_headers_get_the_connection_closed(impatient: Server, sent: bytes) -> None:
-    with _connect(impatient) as sock:
+    with impatient.connect() as sock:
         began = time.monotonic()
         sock.sendall(sent)
-        assert _read_all(sock) == b""
+        assert read_until_closed(sock) == b""
     assert 0.9 < time.monotonic() - began < 5
     assert httpx.get(f"{impatient.url}/healthz").status_code == 200  # everyone else is still served
 
@@ -104,14 +90,14 @@ def test_slow_or_missing_headers_get_the_connection_closed(impatient: Server, se
 def test_sigterm_finishes_the_request_in_flight_then_exits_0() -> None:
     server = start_server(SERVE)
     body = json.dumps({"inputs": [[0, 1, 1, 0, 1]]}).encode()
-    with _connect(server) as sock:
+    with server.connect() as sock:
         sock.sendall(HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body[:5])
         time.sleep(0.3)  # the request is in flight: headers read, body arriving
         server.process.send_signal(signal.SIGTERM)
         time.sleep(0.5)
         assert server.process.poll() is None  # still waiting for the request to finish
         sock.sendall(body[5:])
-        reply = _read_all(sock)
+        reply = read_until_closed(sock)
     assert reply.startswith(b"HTTP/1.1 200")
     assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["codes"]
     assert server.process.wait(timeout=10) == 0

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 import sys
 
 from service.server import Deadlines, OneWrite
@@ -91,13 +90,12 @@ def test_a_served_response_arrives_in_one_piece() -> None:
     writes the head often arrives alone."""
     server = start_server([sys.executable, "-m", "service.cli", "serve", "--port", "{port}"])
     try:
-        host, port = server.url.removeprefix("http://").split(":")
         body = b'{"inputs": [[0, 1, 1, 0, 1]]}'
         request = (
             b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n%s" % (len(body), body)
         )
-        with socket.create_connection((host, int(port)), timeout=10) as sock:
+        with server.connect(timeout=10) as sock:
             for _ in range(20):
                 sock.sendall(request)
                 head, _, content = sock.recv(65536).partition(b"\r\n\r\n")
