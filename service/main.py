@@ -13,6 +13,7 @@ from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
+from starlette.applications import Starlette
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
@@ -109,8 +110,13 @@ class Service(FastAPI):
     by a FastLane just inside it, ahead of FastAPI's middleware, routing and exception layers.
 
     Measured through uvicorn, those layers cost a single-row request more than all its math.
-    Middleware that must see every request goes in `outer`, not `add_middleware`.
+    Middleware that must see every request goes in `outer`, not `add_middleware`; what concerns
+    only the lifespan wraps FastAPI's own stack, behind the FastLane, where requests for the encode
+    routes never pass.
     """
+
+    # Starlette's own: FastAPI's adds its OpenTelemetry hooks to every request, and they are off here.
+    __call__ = Starlette.__call__
 
     def __init__(
         self,
@@ -128,7 +134,7 @@ class Service(FastAPI):
         self.access_log = access_log
 
     def build_middleware_stack(self) -> ASGIApp:
-        app: ASGIApp = FastLane(super().build_middleware_stack(), self.lanes)
+        app: ASGIApp = FastLane(OneLineStartupErrors(super().build_middleware_stack()), self.lanes)
         for cls, args, kwargs in reversed(self.outer):
             app = cls(app, *args, **kwargs)
         return app
@@ -166,7 +172,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         access_log=access_log,
         lanes=encoders.routes,
         outer=[
-            Middleware(OneLineStartupErrors),
             Middleware(Observe, metrics=metrics, routes=paths, access_log=access_log),
             *cors(settings),
             *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),
