@@ -35,7 +35,7 @@ from service.http import (
     validation_error_handler,
 )
 from service.model import ModelError, seeded
-from service.observe import AccessLog, Metrics, Observe, configure_logging
+from service.observe import Metrics, Observe, RequestLog, configure_logging
 from service.routes import Serving, encoders, router
 from service.schemas import Limits, ModelInfo
 from service.v2 import protocol_error_handler, v2
@@ -124,14 +124,14 @@ class Service(FastAPI):
         lanes: Sequence[BaseRoute],
         outer: Sequence[Middleware],
         metrics: Metrics,
-        access_log: AccessLog | None,
+        request_log: RequestLog,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
         self.lanes = lanes
         self.outer = outer
         self.metrics = metrics
-        self.access_log = access_log
+        self.request_log = request_log
 
     def build_middleware_stack(self) -> ASGIApp:
         app: ASGIApp = FastLane(OneLineStartupErrors(super().build_middleware_stack()), self.lanes)
@@ -152,13 +152,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             yield {"serving": loaded, "keys": keys}
         finally:
-            if app.access_log is not None:
-                app.access_log.flush()
+            app.request_log.flush()
 
     configure_logging(settings.log_level)
-    metrics = Metrics()
-    logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
-    access_log = AccessLog() if settings.access_log and logs_info else None  # its lines are at info
     paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes, *v2.routes]}
     paths |= {"/docs", "/redoc", "/openapi.json"}
     paths |= {  # the /v2 model routes, with their path parameters filled in: labels stay bounded
@@ -167,12 +163,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for version in ("", f"/versions/{oip.VERSION}")
         for action in ("", "/ready", "/infer")
     }
+    metrics = Metrics(routes=paths)
+    logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
+    request_log = RequestLog(metrics, access_log=settings.access_log and logs_info)  # its lines are at info
     app = Service(
         metrics=metrics,
-        access_log=access_log,
+        request_log=request_log,
         lanes=encoders.routes,
         outer=[
-            Middleware(Observe, metrics=metrics, routes=paths, access_log=access_log),
+            Middleware(Observe, metrics=metrics, log=request_log),
             *cors(settings),
             *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),
             Middleware(BodyLimit, limit=settings.max_body_bytes),

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from service.config import Settings
 from service.main import create_app
 from service.model import seeded
-from service.observe import AccessLog, JsonFormatter, Metrics, configure_logging
+from service.observe import JsonFormatter, Metrics, RequestLog, configure_logging
 
 ROW = [[0, 1, 1, 0, 1]]
 
@@ -66,15 +66,26 @@ def test_metrics_count_requests_rows_samples_and_name_the_model(client: TestClie
     assert ("fingerprint", seeded(0, 5, 2).fingerprint()) in info
 
 
+def test_a_scrape_counts_the_requests_kept_for_the_next_batch() -> None:
+    with TestClient(create_app(Settings())) as client:
+        client.app.request_log.delay = 3600  # type: ignore[attr-defined]
+        client.app.request_log.stream = io.BytesIO()  # type: ignore[attr-defined]
+        for _ in range(3):
+            client.post("/v1/autoencoder/encode", json={"inputs": ROW})
+        kept = len(client.app.request_log.kept)  # type: ignore[attr-defined]
+        encode = (("method", "POST"), ("route", "/v1/autoencoder/encode"), ("status", "200"))
+        assert (kept, _samples(client)[("encoder_http_requests_total", encode)]) == (3, 3)
+
+
 def test_access_log_is_one_json_line_per_request_without_the_data(client: TestClient) -> None:
-    stream = client.app.access_log.stream = io.BytesIO()  # type: ignore[attr-defined]
+    stream = client.app.request_log.stream = io.BytesIO()  # type: ignore[attr-defined]
     client.post(
         "/v1/vae/encode",
         json={"inputs": [[1, 1, 1, 1, 1]], "seed": 987654321},
         headers={"x-request-id": "log-me"},
     )
     client.post("/v1/vae/encode", json={"inputs": [[1, 1, 1, 1, 7]]})
-    client.app.access_log.flush()  # type: ignore[attr-defined]
+    client.app.request_log.flush()  # type: ignore[attr-defined]
     lines = _lines(stream)
     first, second = lines
     assert first["request_id"] == "log-me"
@@ -103,18 +114,21 @@ def test_service_logs_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> 
 
 
 @pytest.mark.parametrize("settings", [Settings(access_log=False), Settings(log_level="warning")])
-def test_access_log_can_be_turned_off(settings: Settings) -> None:
+def test_access_log_can_be_turned_off_and_requests_are_still_counted(settings: Settings) -> None:
     app = create_app(settings)
-    assert app.access_log is None  # type: ignore[attr-defined]
+    stream = app.request_log.stream = io.BytesIO()  # type: ignore[attr-defined]
     with TestClient(app) as quiet:
         assert quiet.get("/healthz").status_code == 200
+        healthz = (("method", "GET"), ("route", "/healthz"), ("status", "200"))
+        assert _samples(quiet)[("encoder_http_requests_total", healthz)] == 1
+    assert stream.getvalue() == b""
 
 
 def test_access_log_lines_go_out_together_soon_after_and_at_shutdown() -> None:
     stream = io.BytesIO()
     with TestClient(create_app(Settings())) as client:
-        client.app.access_log.stream = stream  # type: ignore[attr-defined]
-        client.app.access_log.delay = 0.5  # type: ignore[attr-defined]
+        client.app.request_log.stream = stream  # type: ignore[attr-defined]
+        client.app.request_log.delay = 0.5  # type: ignore[attr-defined]
         for _ in range(3):
             client.get("/healthz")
         assert stream.getvalue() == b""  # kept for now
@@ -137,16 +151,16 @@ class Chunks(io.BytesIO):
 
 def test_access_log_writes_whole_lines_at_most_pipe_buf_at_a_time() -> None:
     stream = Chunks()
-    log = AccessLog(stream)
+    log = RequestLog(Metrics(), stream=stream)
 
     async def write_many() -> None:
         for i in range(200):
-            log.request(str(i).encode(), "GET", "/" + "x" * (i % 50), 200, 0.001, 10, "127.0.0.1")
+            log.request(str(i).encode(), "GET", "/" + "x" * (i % 50), 200, 0.001, 10, ("127.0.0.1", 50000))
         log.flush()
 
     asyncio.run(write_many())
     assert len(stream.writes) > 1
-    assert all(len(chunk) <= AccessLog.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
+    assert all(len(chunk) <= RequestLog.PIPE_BUF and chunk.endswith(b"\n") for chunk in stream.writes)
     assert [line["request_id"] for line in _lines(stream)] == [str(i) for i in range(200)]
 
 
@@ -166,11 +180,11 @@ def test_latency_buckets_count_what_is_at_or_below_their_bound() -> None:
 
 def test_access_log_lines_are_json_whatever_the_path_and_client() -> None:
     stream = io.BytesIO()
-    log = AccessLog(stream)
+    log = RequestLog(Metrics(), stream=stream)
     path, client = '/a"b\\c\n\u00e9\u2028', 'proxy "x"'
 
     async def write_one() -> None:
-        log.request(b"id-1", "GET", path, 404, 0.0123456, 0, client)
+        log.request(b"id-1", "GET", path, 404, 0.0123456, 0, (client, 1))
         log.flush()
 
     asyncio.run(write_one())
@@ -183,24 +197,24 @@ def test_access_log_lines_are_json_whatever_the_path_and_client() -> None:
 
 def test_a_full_batch_is_written_right_after_the_step_that_filled_it() -> None:
     stream = io.BytesIO()
-    log = AccessLog(stream, delay=3600)
+    log = RequestLog(Metrics(), stream=stream, delay=3600)
 
     async def fill() -> None:
-        for i in range(AccessLog.KEEP + 1):
-            log.request(str(i).encode(), "GET", "/healthz", 200, 0.001, 10, "127.0.0.1")
+        for i in range(RequestLog.KEEP + 1):
+            log.request(str(i).encode(), "GET", "/healthz", 200, 0.001, 10, ("127.0.0.1", 50000))
         assert stream.getvalue() == b""  # not in the step that answers a request
         await asyncio.sleep(0)
-        assert len(_lines(stream)) == AccessLog.KEEP + 1
+        assert len(_lines(stream)) == RequestLog.KEEP + 1
 
     asyncio.run(fill())
 
 
 def test_lines_kept_when_a_loop_ends_go_out_with_the_next_loop_s_batch() -> None:
     stream = io.BytesIO()
-    log = AccessLog(stream, delay=0.05)
+    log = RequestLog(Metrics(), stream=stream, delay=0.05)
 
     async def one(request_id: bytes, wait: float) -> None:
-        log.request(request_id, "GET", "/healthz", 200, 0.001, 10, "127.0.0.1")
+        log.request(request_id, "GET", "/healthz", 200, 0.001, 10, ("127.0.0.1", 50000))
         await asyncio.sleep(wait)
 
     asyncio.run(one(b"first", 0))  # its loop ends before the delayed write
