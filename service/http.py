@@ -90,14 +90,15 @@ class LeanRoute(APIRoute):
             dependencies.append((name, depends[0].dependency))
 
         async def lean(scope: Scope, receive: Receive, send: Send) -> None:
+            asked = dict(scope["headers"])
             request = Request(scope, receive)
             arguments = {name: await dependency(request) for name, dependency in dependencies}
             if body is not None:
                 name, model = body
-                arguments[name] = await parse_json_body(scope, receive, model)
+                arguments[name] = await parse_json_body(asked.get(b"content-type"), receive, model)
             result: Renderable = await endpoint(**arguments)
             # Rendered before anything is sent, so that an error can still be answered.
-            media_type = negotiate(_header(scope, b"accept"), result.MEDIA_TYPES)
+            media_type = negotiate(asked.get(b"accept"), result.MEDIA_TYPES)
             content = result.render(media_type)
             headers = [(b"content-type", media_type), (b"content-length", str(len(content)).encode())]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
@@ -176,9 +177,9 @@ async def read_body(receive: Receive) -> bytes:
             return b"".join(chunks)
 
 
-async def parse_json_body(scope: Scope, receive: Receive, model: type[ModelT]) -> ModelT:
+async def parse_json_body(content_type: bytes | None, receive: Receive, model: type[ModelT]) -> ModelT:
     """The request's body as `model`, or the error FastAPI would give, without echoing the input."""
-    if not _is_json(_header(scope, b"content-type")):
+    if not _is_json(content_type):
         raise HTTPException(415, "send the body as JSON, with Content-Type: application/json")
     raw = await read_body(receive)
     if not raw:

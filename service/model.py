@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 import numpy as np
@@ -73,11 +74,11 @@ class Model:
     def has_decoders(self) -> bool:
         return self.ae_decoder_weight is not None
 
-    @property
+    @cached_property
     def input_dim(self) -> int:
         return int(self.ae_weight.shape[0])
 
-    @property
+    @cached_property
     def latent_dim(self) -> int:
         return int(self.ae_weight.shape[1])
 

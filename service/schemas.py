@@ -82,9 +82,9 @@ def parse_bits(value: Any) -> Batch:
     if not value:
         raise _bit_error("expected at least one row, got an empty array")
     width = len(value[0]) if type(value[0]) is list else 0
-    if not width or not all(type(row) is list for row in value):
+    if not width:
         raise _explain(value)
-    if len(value) * width > SMALL_BATCH:
+    if len(value) * width > SMALL_BATCH and all(type(row) is list for row in value):  # bytes(3) is 3 zeros
         try:
             data = b"".join(map(bytes, value))
         except (TypeError, ValueError):
@@ -92,9 +92,9 @@ def parse_bits(value: Any) -> Batch:
         else:
             if not data.translate(None, b"\x00\x01") and set(map(len, value)) == {width}:
                 return np.frombuffer(data, dtype=np.uint8).reshape(len(value), width)
-    try:
+    try:  # a row that is no array fails too: no string or object holds only the numbers 0 and 1
         fits = all(len(row) == width and BITS.issuperset(row) for row in value)
-    except TypeError:  # an array or an object where a bit should be
+    except TypeError:  # a number where a row should be, or an array or an object where a bit should be
         fits = False
     if fits:
         return np.array(value, dtype=np.float64)
