@@ -47,6 +47,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         log_level=settings.log_level,
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
         http=GuardedHttpToolsProtocol,  # requests arrive within ENCODER_REQUEST_TIMEOUT; one write a response
+        timeout_keep_alive=settings.keep_alive_timeout,  # kept by the protocol's coarse timer
         timeout_graceful_shutdown=30,
     )
     return 0

@@ -42,6 +42,10 @@ class Settings(BaseSettings):
     """Seconds a client may take to send a request's headers, and again its body: a slower body
     gets 408, slower headers a closed connection (with `encoding-service serve`)."""
 
+    keep_alive_timeout: int = Field(default=5, ge=1)
+    """Seconds an idle keep-alive connection stays open (`encoding-service serve`): set it above
+    the idle timeout of a load balancer in front, or it may reuse a connection being closed."""
+
     api_key: SecretStr | None = None
     """An API key that /v1 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""
 

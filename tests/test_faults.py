@@ -24,7 +24,7 @@ HEAD = b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\nContent-Type: applic
 
 @pytest.fixture(scope="module")
 def impatient() -> Server:
-    server = start_server(SERVE, request_timeout="1")
+    server = start_server(SERVE, request_timeout="1", keep_alive_timeout="2")
     yield server  # type: ignore[misc]
     server.stop()
 
@@ -69,6 +69,21 @@ def test_a_late_body_after_a_kept_alive_request_gets_its_own_408(impatient: Serv
     assert first.startswith(b"HTTP/1.1 200")
     assert b'"codes"' in first
     assert b"did not arrive within 1 s" in second
+
+
+def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(impatient: Server) -> None:
+    body = json.dumps({"inputs": [[0, 1, 1, 0, 1]]}).encode()
+    whole = HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
+    with impatient.connect() as sock:
+        sock.sendall(whole)
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        time.sleep(1)  # idle, but within ENCODER_KEEP_ALIVE_TIMEOUT: the connection still serves
+        sock.sendall(whole)
+        began = time.monotonic()
+        reply = read_until_closed(sock)  # then the server closes it, idle for the timeout
+    assert reply.startswith(b"HTTP/1.1 200")
+    assert reply.endswith(b"}")
+    assert 1.9 < time.monotonic() - began < 4
 
 
 def test_a_body_that_never_starts_gets_408(impatient: Server) -> None:

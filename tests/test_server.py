@@ -5,28 +5,41 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from service.server import Deadlines, OneWrite
+from service.server import OneWrite, Watch
 from tests.conftest import start_server
 
 
-def test_a_deadline_fires_within_a_tick_after_it_passes_and_not_after_it_ends() -> None:
-    fired: dict[str, float] = {}
+class Waiting:
+    """A connection that waits `limit` ticks from the tick it was watched, and notes when it was acted on."""
 
+    def __init__(self, watch: Watch, limit: int) -> None:
+        self.began, self.limit, self.acted = watch.now, limit, -1.0
+        self.loop = asyncio.get_running_loop()
+        self.started = self.loop.time()
+
+    def check(self, now: int) -> None:
+        if self.acted < 0 and now - self.began > self.limit:
+            self.acted = self.loop.time() - self.started
+
+
+def test_a_wait_is_acted_on_after_its_time_never_before_and_within_a_tick_after() -> None:
     async def run() -> None:
-        deadlines = Deadlines(tick=0.05)
-        loop = asyncio.get_running_loop()
-        began = loop.time()
-        deadlines.start("slow", began + 0.2, lambda: fired.setdefault("slow", loop.time() - began))
-        deadlines.start("quick", began + 0.2, lambda: fired.setdefault("quick", loop.time() - began))
+        watch = Watch(tick=0.05)
+        assert (watch.ticks(0.2), watch.ticks(0.21)) == (4, 5)
+        waiting = Waiting(watch, watch.ticks(0.2))
+        watch.add(waiting)
+        gone = Waiting(watch, watch.ticks(0.2))
+        watch.add(gone)
         await asyncio.sleep(0.05)
-        deadlines.end("quick")
+        watch.discard(gone)  # its connection closed
         await asyncio.sleep(0.4)
-        assert deadlines.waits == {}
-        assert deadlines.timer is None  # no waits, no timer
+        assert 0.2 <= waiting.acted < 0.2 + 0.05 + 0.1  # a tick late at most, and some slack for a busy machine
+        assert gone.acted < 0
+        watch.discard(waiting)
+        await asyncio.sleep(0.1)
+        assert watch.timer is None  # nothing watched, no timer
 
     asyncio.run(run())
-    assert list(fired) == ["slow"]
-    assert 0.2 <= fired["slow"] < 0.2 + 0.05 + 0.1  # a tick late at most, and some slack for a busy machine
 
 
 class Recording:
@@ -69,20 +82,21 @@ def test_one_write_sends_a_step_s_small_writes_together_and_big_ones_at_once() -
     assert len(asyncio.run(run()).writes) == 4
 
 
-def test_deadlines_arm_a_new_timer_when_their_loop_is_gone() -> None:
-    deadlines = Deadlines(tick=0.01)
-    fired: list[str] = []
+def test_the_watch_arms_a_new_timer_when_its_loop_is_gone() -> None:
+    watch = Watch(tick=0.01)
+    acted: list[float] = []
 
-    async def wait_for(key: str) -> None:
-        loop = asyncio.get_running_loop()
-        deadlines.start(key, loop.time(), lambda: fired.append(key))
-        deadlines.start(f"after {key}", loop.time() + 3600, lambda: None)  # still waiting when the loop ends
+    async def watch_one() -> None:
+        waiting = Waiting(watch, 0)
+        watch.add(waiting)
+        watch.add(Waiting(watch, 10**6))  # still watched when the loop ends
         await asyncio.sleep(0.1)
+        acted.append(waiting.acted)
 
-    asyncio.run(wait_for("first"))
-    assert deadlines.timer is not None  # armed on a loop that is gone
-    asyncio.run(wait_for("second"))  # a new loop, as each test client has
-    assert fired == ["first", "second"]
+    asyncio.run(watch_one())
+    assert watch.timer is not None  # armed on a loop that is gone
+    asyncio.run(watch_one())  # a new loop, as each test client has
+    assert [a >= 0 for a in acted] == [True, True]
 
 
 def test_a_served_response_arrives_in_one_piece() -> None:
