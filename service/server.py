@@ -111,6 +111,9 @@ class OneWrite:
         self.flush()
         self.transport.close()
 
+    def is_closing(self) -> bool:  # asked after every response: not through __getattr__'s slow path
+        return self.transport.is_closing()
+
     def __getattr__(self, name: str) -> Any:  # everything else is the transport's own
         return getattr(self.transport, name)
 
