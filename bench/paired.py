@@ -25,11 +25,9 @@ import subprocess
 import sys
 import tarfile
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 
-from run import LUA, ROOT, Server, _free_port, workloads
+from run import LUA, ROOT, Server, _free_port, launch, workloads
 
 
 def export(ref: str, into: Path) -> Path:
@@ -47,19 +45,8 @@ def start(tree: Path, input_dim: int) -> Server:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
     env |= {"ENCODER_INPUT_DIM": str(input_dim), "PYTHONPATH": str(tree)}
-    command = ["taskset", "-c", "0", sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
-    began = time.perf_counter()
-    process = subprocess.Popen(command, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    while True:
-        if process.poll() is not None:
-            raise SystemExit(f"the service in {tree} exited with {process.returncode}")
-        try:
-            with urllib.request.urlopen(f"{url}/readyz", timeout=1) as reply:  # noqa: S310 - loopback only
-                if reply.status == 200:
-                    return Server(process, url, time.perf_counter() - began)
-        except OSError:
-            time.sleep(0.01)
+    command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    return launch(command, port, tree, env, f"the service in {tree}")
 
 
 def answered(servers: list[Server], path: str, connections: int, body: Path, script: Path, duration: int) -> list[int]:

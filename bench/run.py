@@ -121,14 +121,19 @@ def start(kind: str, input_dim: int, floor_server: str = "uvicorn") -> Server:
             command += ["--http", "service.server:GuardedHttpToolsProtocol"]
     else:
         command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
+    return launch(command, port, ROOT, env, kind)
+
+
+def launch(command: list[str], port: int, cwd: Path, env: dict[str, str], what: str) -> Server:
+    """Run `command` pinned to core 0, and return once its /readyz answers 200."""
     began = time.perf_counter()
     process = subprocess.Popen(
-        ["taskset", "-c", "0", *command], cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        ["taskset", "-c", "0", *command], cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     url = f"http://127.0.0.1:{port}"
     while True:
         if process.poll() is not None:
-            raise SystemExit(f"{kind} server exited with {process.returncode}")
+            raise SystemExit(f"{what} exited with {process.returncode}")
         try:
             with urllib.request.urlopen(f"{url}/readyz", timeout=1) as reply:  # noqa: S310 - loopback only
                 if reply.status == 200:
