@@ -115,8 +115,8 @@ class RequestLog:
     Writing each line through `logging` cost a one-row request about 35 us, and counting it into
     the metrics as it ended about 4% of its throughput, measured; in batches, the same work runs in
     one tight loop. The price: a process killed outright (SIGKILL) loses up to `delay` seconds of
-    lines. Each write holds whole lines,
-    at most PIPE_BUF bytes of them, so workers sharing a pipe never split each other's lines.
+    lines. Each write holds whole lines, at most PIPE_BUF bytes of them, so workers sharing a pipe
+    never split each other's lines.
     """
 
     PIPE_BUF = 4096
