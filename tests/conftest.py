@@ -76,6 +76,25 @@ class Server:
         return self.log.read().decode(errors="replace")
 
 
+def read_response(sock: socket.socket) -> bytes:
+    """One response with a Content-Length, whole, however many segments it comes in."""
+
+    def more(data: bytes) -> bytes:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise ConnectionError(f"closed before the response was whole: {data!r}")
+        return data + chunk
+
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data = more(data)
+    head, _, body = data.partition(b"\r\n\r\n")
+    fields = dict(line.lower().split(b": ", 1) for line in head.split(b"\r\n")[1:])
+    while len(body) < int(fields[b"content-length"]):
+        body = more(body)
+    return head + b"\r\n\r\n" + body
+
+
 def read_until_closed(sock: socket.socket) -> bytes:
     """Everything the server sends until it closes the connection: a response may come in any
     number of segments (plain uvicorn writes its head and body apart)."""

@@ -16,7 +16,7 @@ import pytest
 
 from service import weights
 from service.model import seeded
-from tests.conftest import ROOT, Server, free_port, read_until_closed, server_env, start_server
+from tests.conftest import ROOT, Server, free_port, read_response, read_until_closed, server_env, start_server
 
 SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
 HEAD = b"POST /v1/autoencoder/encode HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
@@ -76,7 +76,7 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(im
     whole = HEAD + f"Content-Length: {len(body)}\r\n\r\n".encode() + body
     with impatient.connect() as sock:
         sock.sendall(whole)
-        assert sock.recv(65536).startswith(b"HTTP/1.1 200")
+        assert read_response(sock).startswith(b"HTTP/1.1 200")
         time.sleep(1)  # idle, but within ENCODER_KEEP_ALIVE_TIMEOUT: the connection still serves
         sock.sendall(whole)
         began = time.monotonic()
