@@ -27,7 +27,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from run import LUA, ROOT, Server, _free_port, launch, workloads
+from run import LUA, ROOT, Server, _free_port, launch, workloads, wrk
 
 
 def export(ref: str, into: Path) -> Path:
@@ -53,18 +53,7 @@ def answered(servers: list[Server], path: str, connections: int, body: Path, scr
     """Load every server at once, a wrk each on core 1; the requests each answered."""
     loads = [
         subprocess.Popen(
-            [
-                "taskset",
-                "-c",
-                "1",
-                "wrk",
-                "-t1",
-                f"-c{connections}",
-                f"-d{duration}s",
-                "-s",
-                str(script),
-                f"{server.url}{path}",
-            ],
+            wrk(f"{server.url}{path}", connections, duration, script),
             env=os.environ | {"BENCH_BODY": str(body)},
             stdout=subprocess.PIPE,
             text=True,

@@ -158,20 +158,14 @@ def _seconds(text: str) -> float:
     return float(number) * {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}[unit]
 
 
+def wrk(url: str, connections: int, duration: float, script: Path) -> list[str]:
+    """The wrk command that loads `url` from core 1, one thread, with the latency distribution."""
+    seconds = f"-d{max(1, round(duration))}s"
+    return ["taskset", "-c", "1", "wrk", "-t1", f"-c{connections}", seconds, "--latency", "-s", str(script), url]
+
+
 def load(server: Server, work: Workload, body_file: Path, script: Path, duration: float) -> Result:
-    command = [
-        "taskset",
-        "-c",
-        "1",
-        "wrk",
-        "-t1",
-        f"-c{work.connections}",
-        f"-d{max(1, round(duration))}s",
-        "--latency",
-        "-s",
-        str(script),
-        f"{server.url}{work.path}",
-    ]
+    command = wrk(f"{server.url}{work.path}", work.connections, duration, script)
     output = subprocess.run(
         command, env=os.environ | {"BENCH_BODY": str(body_file)}, capture_output=True, text=True, check=True
     ).stdout
