@@ -8,6 +8,7 @@ extension, as raw little-endian bytes after the JSON header, whose length the
 from __future__ import annotations
 
 import math
+import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -42,7 +43,9 @@ class ProtocolError(Exception):
 
 
 class RequestInput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Fields the protocol's clients add (KServe's SDK: model_name, id) or that a later version of
+    # the protocol defines are ignored, as KServe's own servers do; what is here is checked.
+    model_config = ConfigDict(extra="ignore")
 
     name: str
     shape: list[int] = Field(description="[rows, input_dim]")
@@ -52,7 +55,7 @@ class RequestInput(BaseModel):
 
 
 class RequestOutput(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="ignore")
 
     name: str
     parameters: dict[str, Any] | None = Field(
@@ -64,7 +67,7 @@ class InferenceRequest(BaseModel):
     """An Open Inference Protocol request: one input tensor of 0/1 values, shape [rows, input_dim]."""
 
     model_config = ConfigDict(
-        extra="forbid",
+        extra="ignore",
         json_schema_extra={
             "examples": [
                 {
@@ -125,7 +128,7 @@ class InferenceResponse(BaseModel):
 
     model_name: str
     model_version: str
-    id: str | None = None
+    id: str = Field(description="The request's id, or a new one when it sent none.")
     parameters: dict[str, Any] | None = None
     outputs: list[ResponseOutput]
 
@@ -280,9 +283,8 @@ def encode(
         else:
             tensor["data"] = value.ravel()
         outputs.append(tensor)
-    response: dict[str, Any] = {"model_name": model, "model_version": VERSION, "outputs": outputs}
-    if decoded.id is not None:
-        response["id"] = decoded.id
+    request_id = decoded.id if decoded.id is not None else str(uuid.uuid4())  # KServe's clients read one
+    response: dict[str, Any] = {"model_name": model, "model_version": VERSION, "id": request_id, "outputs": outputs}
     if parameters:
         response["parameters"] = parameters
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)

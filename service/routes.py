@@ -31,6 +31,7 @@ from service.schemas import (
     VaeDecodeRequest,
     VaeRequest,
     VaeResponse,
+    ValidationProblem,
 )
 
 
@@ -66,7 +67,10 @@ CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
     406: {"model": Problem, "description": "The Accept header allows neither JSON nor safetensors."},
     415: {"model": Problem, "description": "The body was not sent as JSON (Content-Type: application/json)."},
     413: {"model": Problem, "description": "Over a limit: too many rows or samples, or too large a body."},
-    422: {"description": "Not a batch of 0/1 rows of the model's width; `loc` names the row and column."},
+    422: {
+        "model": ValidationProblem,
+        "description": "Not a batch of 0/1 rows of the model's width; `loc` names the row and column.",
+    },
     **NOT_READY,
 }
 

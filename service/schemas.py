@@ -139,7 +139,11 @@ Seed = Annotated[
 ]
 Samples = Annotated[int, Field(ge=1), BeforeValidator(_json_int), WithJsonSchema({"type": "integer", "minimum": 1})]
 
-_BIT_SCHEMA = {"enum": [0, 1, False, True], "description": "0 or 1 (the booleans false and true count too)"}
+# One type per branch: code generators cannot read an enum that mixes integers and booleans.
+_BIT_SCHEMA = {
+    "anyOf": [{"type": "integer", "enum": [0, 1]}, {"type": "boolean"}],
+    "description": "0 or 1 (the booleans false and true count too)",
+}
 
 
 @dataclass(frozen=True)
@@ -436,3 +440,15 @@ class Problem(BaseModel):
     """A client error that is not about one field: too large, wrong content type, not ready."""
 
     detail: str
+
+
+class FieldProblem(BaseModel):
+    type: str = Field(description="What kind of mistake: missing, value_error, json_invalid, ...")
+    loc: list[str | int] = Field(description='Where: ["body", "inputs", row, column] and the like.')
+    msg: str = Field(description="What is wrong, in words.")
+
+
+class ValidationProblem(BaseModel):
+    """A request body that is not what the route takes: each mistake with where it is."""
+
+    detail: list[FieldProblem]

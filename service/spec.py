@@ -116,6 +116,14 @@ def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
     if auth:
         _require_keys(document)
     schemas = document["components"]["schemas"]
+    # FastAPI documents a 422 wherever a route has parameters; /v2's path parameters are plain
+    # strings that cannot fail, and every /v2 error is the protocol's {"error": ...}.
+    for path, operations in document["paths"].items():
+        if is_v2(path):
+            for operation in operations.values():
+                operation["responses"].pop("422", None)
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
     d, k, limits = info.input_dim, info.latent_dim, info.limits
     rows, samples = (1, limits.max_rows), (1, limits.max_samples)
     for name in ("AutoencoderRequest", "VaeRequest"):

@@ -6,6 +6,7 @@ every error is {"error": "..."}: 400 for a bad request, 404 for an unknown model
 
 from __future__ import annotations
 
+import inspect
 import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -25,18 +26,41 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     404: {"model": oip.ErrorResponse, "description": "No such model, or no such version of it."},
     413: {"model": oip.ErrorResponse, "description": "A body over ENCODER_MAX_BODY_BYTES."},
 }
-BODY = {
+BINARY = (
+    "the JSON, `Inference-Header-Content-Length` bytes long, then the raw little-endian bytes of each "
+    "binary tensor in order (Triton's binary tensor data extension)."
+)
+INFERENCE = {
     "requestBody": {
         "required": True,
+        "description": "An inference request as JSON (`Content-Type: application/json`), or, with binary "
+        "input, as the binary tensor data extension has it (`Content-Type: application/octet-stream` and the "
+        "`Inference-Header-Content-Length` header): " + BINARY,
         "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/InferenceRequest"}},
-            "application/octet-stream": {
-                "schema": {"type": "string", "format": "binary"},
-                "description": "Binary tensor data extension: the JSON request, Inference-Header-Content-Length "
-                "bytes long, then the input's raw little-endian bytes.",
-            },
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
         },
-    }
+    },
+    "parameters": [
+        {
+            "name": "Inference-Header-Content-Length",
+            "in": "header",
+            "required": False,
+            "schema": {"type": "integer", "minimum": 1},
+            "description": "With binary input: the length in bytes of the JSON that starts the body.",
+        }
+    ],
+}
+INFERRED = {
+    "description": "The outputs as JSON, or, when any is asked for as binary (`binary_data`, "
+    "`binary_data_output`), as `application/octet-stream`: " + BINARY,
+    "headers": {
+        "Inference-Header-Content-Length": {
+            "description": "With binary output: the length in bytes of the JSON that starts the body.",
+            "schema": {"type": "integer"},
+        }
+    },
+    "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
 }
 
 
@@ -50,6 +74,10 @@ async def protocol_error_handler(request: Request, exc: Exception) -> JSONRespon
 async def server_metadata() -> oip.ServerMetadata:
     """The server's name, version and protocol extensions (binary tensor data)."""
     return oip.ServerMetadata(name="encoding-service", version=__version__, extensions=["binary_tensor_data"])
+
+
+# The protocol's REST spec writes the path as /v2/ too: answered, not redirected.
+v2.add_api_route("/v2/", server_metadata, response_model=oip.ServerMetadata, include_in_schema=False)
 
 
 @v2.get("/v2/health/live", summary="Server liveness")
@@ -66,44 +94,64 @@ async def server_ready(request: Request) -> JSONResponse:
 
 
 def by_model(method: str, action: str, summary: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
-    """Route an endpoint at /v2/models/{model_name}{action} and at the same under /versions/{model_version}."""
+    """Route an endpoint at /v2/models/{model_name}{action}, and a copy of it that checks the
+    version first at /v2/models/{model_name}/versions/{model_version}{action}."""
 
     def register(endpoint: Endpoint) -> Endpoint:
-        name = endpoint.__name__
-        for prefix, suffix in (("", ""), ("/versions/{model_version}", "_version")):
-            v2.add_api_route(
-                "/v2/models/{model_name}" + prefix + action,
-                endpoint,
-                methods=[method],
-                summary=summary + (", by version" if suffix else ""),
-                operation_id=name + suffix,
-                responses=ERRORS,
-                **options,
-            )
+        common = {"methods": [method], "responses": ERRORS} | options
+        path = "/v2/models/{model_name}"
+        v2.add_api_route(path + action, endpoint, summary=summary, operation_id=endpoint.__name__, **common)
+
+        async def versioned(model_version: str, **arguments: Any) -> Any:
+            oip.check_model(arguments["model_name"], model_version)
+            return await endpoint(**arguments)
+
+        signature = inspect.signature(endpoint)
+        version = inspect.Parameter("model_version", inspect.Parameter.KEYWORD_ONLY, annotation=str)
+        versioned.__signature__ = signature.replace(  # type: ignore[attr-defined]
+            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
+            + [version]
+        )
+        v2.add_api_route(
+            path + "/versions/{model_version}" + action,
+            versioned,
+            summary=summary + ", by version",
+            description=f"As `{method} {path}{action}`, for one version of the model (`1`).\n\n"
+            + inspect.cleandoc(endpoint.__doc__ or ""),
+            operation_id=endpoint.__name__ + "_version",
+            **common,
+        )
         return endpoint
 
     return register
 
 
 @by_model("GET", "", "Model metadata", response_model=oip.ModelMetadata)
-async def model_metadata(model_name: str, loaded: ServingDep, model_version: str | None = None) -> oip.ModelMetadata:
+async def model_metadata(model_name: str, loaded: ServingDep) -> oip.ModelMetadata:
     """The model's input (`input`, [-1, input_dim]) and outputs with their datatypes and shapes."""
-    name = oip.check_model(model_name, model_version)
+    name = oip.check_model(model_name, None)
     return oip.model_metadata(name, loaded.model.input_dim, loaded.model.latent_dim)
 
 
 @by_model("GET", "/ready", "Model readiness")
-async def model_ready(model_name: str, loaded: ServingDep, model_version: str | None = None) -> dict[str, Any]:
+async def model_ready(model_name: str, loaded: ServingDep) -> dict[str, Any]:
     """200 with `ready: true` once the model is loaded (before, the `loaded` dependency answers 503)."""
-    return {"name": oip.check_model(model_name, model_version), "ready": True}
+    return {"name": oip.check_model(model_name, None), "ready": True}
 
 
-@by_model("POST", "/infer", "Inference", response_model=oip.InferenceResponse, openapi_extra=BODY)
-async def infer(model_name: str, request: Request, loaded: ServingDep, model_version: str | None = None) -> Response:
+@by_model(
+    "POST",
+    "/infer",
+    "Inference",
+    response_model=oip.InferenceResponse,
+    openapi_extra=INFERENCE,
+    responses={**ERRORS, 200: INFERRED},
+)
+async def infer(model_name: str, request: Request, loaded: ServingDep) -> Response:
     """Encode the rows of tensor `input` with `autoencoder` (output `codes`) or `vae` (`mu`,
     `log_sigma`, `z`, `kl`; parameters `seed` and `samples`, the seed used coming back in the
     response's parameters). The numbers are those of /v1 for the same rows and seed."""
-    name = oip.check_model(model_name, model_version)
+    name = oip.check_model(model_name, None)
     body = await request.body()
     decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
     content, headers = _compute(name, decoded, loaded)

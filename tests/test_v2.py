@@ -141,7 +141,6 @@ def _request(**tensor: Any) -> dict[str, Any]:
         (_request(shape=[0, 5], data=[]), {}, 400, "expected [rows, 5] with rows >= 1"),
         (_request() | {"outputs": [{"name": "codes"}]}, {}, 400, "unknown output 'codes'; model 'vae' has mu"),
         (_request() | {"outputs": [{"name": "z", "parameters": {"datatype": "FP16"}}]}, {}, 400, "datatype must be"),
-        (_request() | {"extra": 1}, {}, 400, "extra: Extra inputs are not permitted"),
         (_request(), {"inference-header-content-length": "x"}, 400, "is not a number"),
         (_request(), {"inference-header-content-length": "9999"}, 400, "does not fit a body of"),
     ],
