@@ -10,7 +10,7 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.http import problem
+from service.http import problem, route_path
 
 PROTECTED = ("/v1/", "/v2")
 OPEN = ("/v2/health/",)  # the protocol's own probes stay open, as /healthz and /readyz do
@@ -64,7 +64,7 @@ class RequireKey:
         self.prefixes = PROTECTED if docs_public else PROTECTED + DOCS
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
+        path = route_path(scope) if "path" in scope else ""
         if (
             scope["type"] != "http"
             or scope["method"] == "OPTIONS"

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service import weights
-from service.config import Settings, describe
+from service.config import ROOT_PATH, Settings, describe
 from service.model import ModelError, seeded
 
 DEFAULT_SPEC = Path("openapi/openapi.json")
@@ -45,12 +45,20 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=settings.port if args.port is None else args.port,
         workers=settings.workers if args.workers is None else args.workers,
         log_level=settings.log_level,
+        root_path=settings.root_path if args.root_path is None else args.root_path,
+        proxy_headers=False,  # the app believes X-Forwarded-* from ENCODER_TRUSTED_PROXIES only
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
         http=GuardedHttpToolsProtocol,  # requests arrive within ENCODER_REQUEST_TIMEOUT; one write a response
         timeout_keep_alive=settings.keep_alive_timeout,  # kept by the protocol's coarse timer
         timeout_graceful_shutdown=30,
     )
     return 0
+
+
+def _root_path(value: str) -> str:
+    if not re.fullmatch(ROOT_PATH, value):
+        raise argparse.ArgumentTypeError(f"{value!r} is not a path prefix such as /api (no trailing slash)")
+    return value
 
 
 def _openapi(args: argparse.Namespace, _settings: Settings) -> int:
@@ -152,6 +160,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to listen on (default: ENCODER_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port to listen on (default: ENCODER_PORT, 8000)")
     serve.add_argument("--workers", type=int, help="worker processes (default: ENCODER_WORKERS, 1)")
+    serve.add_argument(
+        "--root-path", type=_root_path, help="path prefix a proxy in front strips (default: ENCODER_ROOT_PATH)"
+    )
     serve.set_defaults(run=_serve)
 
     openapi = commands.add_parser("openapi", help="write the OpenAPI spec of the default model")

@@ -8,6 +8,8 @@ from typing import Annotated
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+ROOT_PATH = r"^(/[^/\s]+)*$"  # "" or "/api", "/a/b": no trailing slash
+
 
 class Settings(BaseSettings):
     """Service settings. `ENCODER_SEED=7` sets `seed`, and so on for every field."""
@@ -58,6 +60,14 @@ class Settings(BaseSettings):
     cors_origins: Annotated[list[str], NoDecode] = []
     """Origins allowed to call the API from a browser, comma-separated; none by default."""
 
+    root_path: str = Field(default="", pattern=ROOT_PATH)
+    """Path prefix that a proxy in front strips (`/api`): every route, /docs and the spec's server
+    URL then work under it. `uvicorn --root-path` does the same."""
+
+    trusted_proxies: Annotated[list[str], NoDecode] = []
+    """Proxies whose X-Forwarded-For and X-Forwarded-Proto are believed, comma-separated addresses or
+    networks (`10.0.0.0/8`, `*` for any), so that the access log names the real client. None by default."""
+
     access_log: bool = True
     """One JSON line per request on stdout: request id, method, path, status, duration, size."""
 
@@ -73,7 +83,7 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
     """Log level of the server."""
 
-    @field_validator("cors_origins", mode="before")
+    @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value

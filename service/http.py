@@ -120,6 +120,34 @@ class LeanRoute(APIRoute):
         return handler
 
 
+def route_path(scope: Scope) -> str:
+    """The path the app routes on: the request's, without the root path (a prefix a proxy strips)
+    that servers such as `uvicorn --root-path` put in front of it, as Starlette's router sees it."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :] or "/"
+    return path
+
+
+class RootPath:
+    """Serve behind a proxy that strips a path prefix (ENCODER_ROOT_PATH), under any server: the
+    scope gets the prefix as its root_path, and in front of its path, as `uvicorn --root-path`
+    does; a root path the server set already wins."""
+
+    def __init__(self, app: ASGIApp, root_path: str) -> None:
+        self.app = app
+        self.root_path = root_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] in ("http", "websocket") and not scope.get("root_path"):
+            scope["root_path"] = root = self.root_path
+            scope["path"] = root + scope["path"]
+            if scope.get("raw_path") is not None:
+                scope["raw_path"] = root.encode() + scope["raw_path"]
+        await self.app(scope, receive, send)
+
+
 class FastLane:
     """Hand requests for LeanRoutes straight to them, ahead of FastAPI's middleware, routing and
     exception layers; anything else goes on to `app`. It answers errors as FastAPI would."""
@@ -134,7 +162,10 @@ class FastLane:
         }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        lean = self.lanes.get((scope["method"], scope["path"])) if scope["type"] == "http" else None
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        lean = self.lanes.get((scope["method"], scope["path"] if not scope.get("root_path") else route_path(scope)))
         if lean is None:
             await self.app(scope, receive, send)
             return
@@ -242,7 +273,7 @@ class BodyLimit:
                 return
             error = BodyTooLarge(self.limit)
             response = Response(
-                problem(scope["path"], error.detail),
+                problem(route_path(scope), error.detail),
                 status_code=413,
                 media_type="application/json",
                 headers={"Connection": "close"},
@@ -321,7 +352,7 @@ async def http_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, StarletteHTTPException)
     if not is_body_allowed_for_status_code(exc.status_code):
         return Response(status_code=exc.status_code, headers=exc.headers)
-    content = problem(request.scope["path"], exc.detail)
+    content = problem(route_path(request.scope), exc.detail)
     return Response(content, status_code=exc.status_code, headers=exc.headers, media_type="application/json")
 
 

@@ -20,6 +20,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
+from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service import __version__, oip, spec, weights
 from service.auth import Keys, RequireKey
@@ -29,6 +30,7 @@ from service.http import (
     BodyLimit,
     FastLane,
     OneLineStartupErrors,
+    RootPath,
     StartupError,
     client_gone_handler,
     http_error_handler,
@@ -171,6 +173,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         request_log=request_log,
         lanes=encoders.routes,
         outer=[
+            *(
+                [Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)]
+                if settings.trusted_proxies
+                else []
+            ),
+            *([Middleware(RootPath, root_path=settings.root_path)] if settings.root_path else []),
             Middleware(Observe, metrics=metrics, log=request_log),
             *cors(settings),
             *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),

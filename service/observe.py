@@ -18,7 +18,7 @@ from prometheus_client import CollectorRegistry, Info
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.http import TIMED_OUT
+from service.http import TIMED_OUT, route_path
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -241,7 +241,7 @@ class Observe:
             if TIMED_OUT in scope:  # the server answered 408 itself
                 status, size = 408, 0
             elapsed = time.perf_counter() - started
-            self.log.request(request_id, scope["method"], scope["path"], status, elapsed, size, scope.get("client"))
+            self.log.request(request_id, scope["method"], route_path(scope), status, elapsed, size, scope.get("client"))
 
 
 def _request_id(scope: Scope) -> bytes:

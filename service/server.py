@@ -11,7 +11,7 @@ from typing import Any, Protocol, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
-from service.http import TIMED_OUT, problem
+from service.http import TIMED_OUT, problem, route_path
 
 
 class Watch:
@@ -143,7 +143,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         body_late = cycle is not None and cycle.scope is self.scope and not cycle.response_started
         if body_late and not self.pipeline:  # and nothing answered, or queued to be, on this connection
             cast(dict[str, Any], cycle.scope)[TIMED_OUT] = True
-            self.transport.write(_too_slow_response(self.scope["path"]))
+            self.transport.write(_too_slow_response(route_path(cast(dict[str, Any], self.scope))))
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
