@@ -16,6 +16,8 @@ from service import weights
 from service.config import ROOT_PATH, Settings, describe
 from service.model import ModelError, seeded
 
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
+
 DEFAULT_SPEC = Path("openapi/openapi.json")
 
 
@@ -34,12 +36,12 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.server import GuardedHttpToolsProtocol
+    from service.server import IN_FLIGHT, GuardedHttpToolsProtocol, serve
 
-    # uvicorn finishes the requests in flight on SIGTERM, then raises the signal again to exit;
-    # that second SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.
+    # With ENCODER_SHUTDOWN_DELAY=0, uvicorn raises SIGTERM again once it has finished; that second
+    # SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(0))
-    uvicorn.run(
+    config = uvicorn.Config(
         "service.main:app",
         host=args.host or settings.host,
         port=settings.port if args.port is None else args.port,
@@ -50,9 +52,13 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
         http=GuardedHttpToolsProtocol,  # requests arrive within ENCODER_REQUEST_TIMEOUT; one write a response
         timeout_keep_alive=settings.keep_alive_timeout,  # kept by the protocol's coarse timer
-        timeout_graceful_shutdown=30,
+        timeout_graceful_shutdown=IN_FLIGHT,
     )
-    return 0
+    try:
+        started = serve(config, settings.shutdown_delay)
+    except KeyboardInterrupt:
+        return 0
+    return 0 if started else STARTUP_FAILURE
 
 
 def _root_path(value: str) -> str:

@@ -48,6 +48,12 @@ class Settings(BaseSettings):
     """Seconds an idle keep-alive connection stays open (`encoding-service serve`): set it above
     the idle timeout of a load balancer in front, or it may reuse a connection being closed."""
 
+    shutdown_delay: float = Field(default=5.0, ge=0, le=3600)
+    """Seconds `encoding-service serve` keeps serving after SIGTERM, answering 503 on the readiness
+    endpoints, before it stops accepting: time for Kubernetes to take the endpoint out of its
+    Service and for balancers to notice (a few seconds; 5 covers kube-proxy and most ingresses).
+    0 stops at once; SIGINT (Ctrl-C) skips it."""
+
     api_key: SecretStr | None = None
     """An API key that /v1 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""
 

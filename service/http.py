@@ -251,6 +251,10 @@ class BodyTooLarge(HTTPException):
 # came too slowly: the app's own answer then went to a closed connection, and is not what the client got.
 TIMED_OUT = "encoding_service.timed_out"
 
+# Set in the app's state by the server (service.server.DrainingServer) once SIGTERM has started its
+# drain: the readiness endpoints answer 503 from then on.
+DRAINING = "draining"
+
 
 class BodyLimit:
     """Refuse a request body over `limit` bytes with 413: at once when its Content-Length says so,

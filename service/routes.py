@@ -13,7 +13,7 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.config import Settings
-from service.http import LeanRoute, unprocessable
+from service.http import DRAINING, LeanRoute, unprocessable
 from service.model import Array, Batch, Model, affine, autoencode, decode, vae_encode
 from service.observe import Metrics
 from service.schemas import (
@@ -243,12 +243,16 @@ async def healthz() -> Health:
 @router.get(
     "/readyz",
     response_model=Readiness,
-    responses={503: {"model": Readiness, "description": "The model is not loaded yet."}},
+    responses={503: {"model": Readiness, "description": "The model is not loaded yet, or the server is stopping."}},
     tags=["health"],
     summary="Readiness",
 )
 async def readyz(request: Request, response: Response) -> Readiness:
-    """200 once the weights are loaded and checked, 503 before."""
+    """200 once the weights are loaded and checked, 503 before, and again from SIGTERM on while the
+    server drains (ENCODER_SHUTDOWN_DELAY)."""
+    if getattr(request.state, DRAINING, False):
+        response.status_code = 503
+        return Readiness(status="draining")
     loaded: Serving | None = getattr(request.state, "serving", None)
     if loaded is None:
         response.status_code = 503

@@ -432,7 +432,7 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
-    status: Literal["ready", "loading"]
+    status: Literal["ready", "loading", "draining"]
     fingerprint: str | None = Field(default=None, description="The served model's fingerprint once it is loaded.")
 
 

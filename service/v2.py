@@ -15,6 +15,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__, oip
+from service.http import DRAINING
 from service.model import autoencode, vae_encode
 from service.routes import Serving, ServingDep, over_limit
 from service.schemas import SEED_LIMIT
@@ -86,10 +87,12 @@ async def server_live() -> dict[str, bool]:
     return {"live": True}
 
 
-@v2.get("/v2/health/ready", summary="Server readiness", responses={503: {"description": "Not ready yet."}})
+@v2.get("/v2/health/ready", summary="Server readiness", responses={503: {"description": "Not ready yet, or stopping."}})
 async def server_ready(request: Request) -> JSONResponse:
-    """200 once the models are loaded, 503 before."""
-    ready = request.scope.get("state", {}).get("serving") is not None
+    """200 once the models are loaded, 503 before, and again from SIGTERM on while the server
+    drains (ENCODER_SHUTDOWN_DELAY)."""
+    state = request.scope.get("state", {})
+    ready = state.get("serving") is not None and not state.get(DRAINING)
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 

@@ -41,8 +41,9 @@ def free_port() -> int:
 
 
 def server_env(**settings: str) -> dict[str, str]:
-    """The environment with no ENCODER_ variables but those given."""
+    """The environment with no ENCODER_ variables but those given (and no drain on SIGTERM)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
+    env["ENCODER_SHUTDOWN_DELAY"] = "0"  # tests stop servers at once, unless they test the drain
     env.update({f"ENCODER_{k.upper()}": v for k, v in settings.items()})
     return env
 

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from service.config import Settings
+from service.server import IN_FLIGHT
 from tests.conftest import ROOT
 
 KUBERNETES = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -38,7 +39,7 @@ def test_the_kserve_predictor_is_a_valid_pod_spec() -> None:
     isvc = _load(ISVC)
     assert (isvc["apiVersion"], isvc["kind"]) == ("serving.kserve.io/v1beta1", "InferenceService")
     predictor = isvc["spec"]["predictor"]
-    pod_fields = {k: v for k, v in predictor.items() if k in ("containers", "volumes")}
+    pod_fields = {k: v for k, v in predictor.items() if k in ("containers", "volumes", "terminationGracePeriodSeconds")}
     pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "predictor"}, "spec": pod_fields}
     kubernetes_validate.validate(pod, VERSION, strict=True)
     assert set(predictor) - set(pod_fields) <= {"minReplicas", "maxReplicas", "scaleMetric", "scaleTarget"}
@@ -75,3 +76,13 @@ def test_every_setting_named_is_a_real_one(path: Path) -> None:
     names = set(re.findall(r"\bENCODER_[A-Z_]+", path.read_text()))
     known = {f"ENCODER_{field.upper()}" for field in Settings.model_fields}
     assert names <= known, names - known
+
+
+@pytest.mark.parametrize("path", [KUBERNETES[0].parent / "deployment.yaml", ISVC], ids=lambda p: p.name)
+def test_the_grace_period_covers_the_drain_and_what_is_in_flight(path: Path) -> None:
+    document = _load(path)
+    pod = document["spec"]["template"]["spec"] if document["kind"] == "Deployment" else document["spec"]["predictor"]
+    env = {e["name"]: e["value"] for e in pod["containers"][0]["env"]}
+    delay = float(env["ENCODER_SHUTDOWN_DELAY"])
+    assert delay >= 5  # endpoint removal takes seconds to reach every proxy
+    assert pod["terminationGracePeriodSeconds"] > delay + IN_FLIGHT

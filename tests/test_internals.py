@@ -1,0 +1,86 @@
+"""The uvicorn internals that service/server.py overrides or calls are still there, as it expects.
+
+service/server.py subclasses uvicorn's httptools protocol, its server and its supervisor's worker
+process, to keep deadlines, write responses in one piece and drain on SIGTERM. Those are not
+uvicorn's public API; pyproject pins uvicorn to the versions checked, and this test says which
+piece moved when a new uvicorn changes one, instead of a server that silently drops requests.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
+from uvicorn.supervisors import multiprocess
+
+# (owner, method): its parameters, as service/server.py overrides or calls it
+SIGNATURES: dict[tuple[type, str], list[str]] = {
+    (HttpToolsProtocol, "__init__"): ["self", "config", "server_state", "app_state", "_loop"],
+    (HttpToolsProtocol, "connection_made"): ["self", "transport"],
+    (HttpToolsProtocol, "connection_lost"): ["self", "exc"],
+    (HttpToolsProtocol, "on_message_begin"): ["self"],
+    (HttpToolsProtocol, "on_message_complete"): ["self"],
+    (HttpToolsProtocol, "on_response_complete"): ["self"],
+    (HttpToolsProtocol, "shutdown"): ["self"],
+    (HttpToolsProtocol, "timeout_keep_alive_handler"): ["self"],
+    (HttpToolsProtocol, "_unset_keepalive_if_required"): ["self"],
+    (HttpToolsProtocol, "_start_asgi_task"): ["self", "cycle", "app"],
+    (uvicorn.Server, "handle_exit"): ["self", "sig", "frame"],
+    (uvicorn.Server, "on_tick"): ["self", "counter"],
+    (uvicorn.Server, "shutdown"): ["self", "sockets"],
+    (multiprocess.Process, "__init__"): ["self", "config", "sockets"],
+    (multiprocess.Multiprocess, "__init__"): ["self", "config", "sockets"],
+}
+
+# (owner, method): what its source must still do for an override to take effect
+CALLS: dict[tuple[type, str], list[str]] = {
+    (HttpToolsProtocol, "data_received"): ["self._unset_keepalive_if_required()"],
+    (HttpToolsProtocol, "on_headers_complete"): ["on_response=self.on_response_complete", "self.cycle = "],
+    (HttpToolsProtocol, "timeout_keep_alive_handler"): ["self.transport.close()"],
+    (uvicorn.Server, "main_loop"): ["self.on_tick("],
+    (uvicorn.Server, "capture_signals"): ["self.handle_exit"],
+    (uvicorn.Server, "_serve"): ["self.lifespan = ", "await self.shutdown(sockets=sockets)"],
+    (uvicorn.Server, "startup"): ["app_state=self.lifespan.state", "self.servers"],
+    (uvicorn.Server, "shutdown"): ["server.close()", "connection.shutdown()", "self.lifespan.shutdown()"],
+    (multiprocess.Process, "target"): ["self.server.run("],
+    (multiprocess.Process, "server"): ["self._server"],
+    (multiprocess.Multiprocess, "init_processes"): ["Process(self.config, self.sockets)"],
+    (RequestResponseCycle, "__init__"): ["self.keep_alive = keep_alive", "self.response_complete = False"],
+}
+
+
+def _member(owner: type, name: str) -> Callable[..., Any]:
+    member = inspect.getattr_static(owner, name, None)
+    if member is None:
+        pytest.fail(f"uvicorn {uvicorn.__version__}: {owner.__module__}.{owner.__name__}.{name} is gone")
+    return member.fget if isinstance(member, property) else member  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(("owner", "name"), list(SIGNATURES), ids=lambda x: getattr(x, "__name__", x))
+def test_overridden_and_called_methods_keep_their_signatures(owner: type, name: str) -> None:
+    parameters = list(inspect.signature(_member(owner, name)).parameters)
+    assert parameters == SIGNATURES[owner, name], (
+        f"uvicorn {uvicorn.__version__} changed {owner.__name__}.{name}{tuple(parameters)}: "
+        "service/server.py relies on the old one; check it against uvicorn's source before widening the pin"
+    )
+
+
+@pytest.mark.parametrize(("owner", "name"), list(CALLS), ids=lambda x: getattr(x, "__name__", x))
+def test_uvicorn_still_calls_what_is_overridden(owner: type, name: str) -> None:
+    source = inspect.getsource(_member(owner, name))
+    for needle in CALLS[owner, name]:
+        assert needle in source, (
+            f"uvicorn {uvicorn.__version__}: {owner.__name__}.{name} no longer has {needle!r}; "
+            "service/server.py's override may no longer take effect"
+        )
+
+
+def test_supervisor_makes_workers_with_the_module_global_that_serve_replaces() -> None:
+    from service.server import DrainingProcess
+
+    assert issubclass(DrainingProcess, multiprocess.Process)
+    assert "Process(" in inspect.getsource(multiprocess.Multiprocess.keep_subprocess_alive)
