@@ -106,11 +106,15 @@ def read_until_closed(sock: socket.socket) -> bytes:
 
 
 def start_server(
-    command: list[str] | None = None, timeout: float = 20.0, stdout: bool = False, **settings: str
+    command: list[str] | None = None,
+    timeout: float = 20.0,
+    stdout: bool = False,
+    port: int | None = None,
+    **settings: str,
 ) -> Server:
     """Start `uvicorn service.main:app` (or `command` with {port}) and wait for /readyz to answer 200.
     Its stderr (and stdout, the access log, with `stdout=True`) is `Server.output()`."""
-    port = free_port()
+    port = port or free_port()
     argv = command or [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", "{port}"]
     argv = [part.replace("{port}", str(port)) for part in argv]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Server.stop; a file, not a pipe, never blocks
