@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import re
 import signal
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,11 +58,29 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         timeout_keep_alive=settings.keep_alive_timeout,  # kept by the protocol's coarse timer
         timeout_graceful_shutdown=IN_FLIGHT,
     )
-    try:
-        started = serve(config, settings.shutdown_delay)
-    except KeyboardInterrupt:
-        return 0
+    with _metrics_dir(settings, config.workers):
+        try:
+            started = serve(config, settings.shutdown_delay)
+        except KeyboardInterrupt:
+            return 0
     return 0 if started else STARTUP_FAILURE
+
+
+@contextlib.contextmanager
+def _metrics_dir(settings: Settings, workers: int) -> Iterator[None]:
+    """With several workers, a directory where each keeps its counts for /metrics (Metrics.shared):
+    ENCODER_METRICS_DIR emptied of an earlier run's files, or a new one removed at exit."""
+    if workers == 1:
+        yield
+        return
+    if settings.metrics_dir is not None:
+        for stale in settings.metrics_dir.glob("worker-*.json"):
+            stale.unlink()
+        yield
+        return
+    with tempfile.TemporaryDirectory(prefix="encoding-service-metrics-") as directory:
+        os.environ["ENCODER_METRICS_DIR"] = directory  # the workers read it with their settings
+        yield
 
 
 def _root_path(value: str) -> str:

@@ -74,6 +74,11 @@ class Settings(BaseSettings):
     """Proxies whose X-Forwarded-For and X-Forwarded-Proto are believed, comma-separated addresses or
     networks (`10.0.0.0/8`, `*` for any), so that the access log names the real client. None by default."""
 
+    metrics_dir: Path | None = None
+    """A directory all worker processes of one server share, where each keeps its counts so that
+    /metrics counts every worker. `encoding-service serve` makes one when ENCODER_WORKERS > 1; set
+    it for another multi-process server, emptied at its start."""
+
     access_log: bool = True
     """One JSON line per request on stdout: request id, method, path, status, duration, size."""
 

@@ -165,7 +165,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         for version in ("", f"/versions/{oip.VERSION}")
         for action in ("", "/ready", "/infer")
     }
-    metrics = Metrics(routes=paths)
+    metrics = Metrics(routes=paths, shared=settings.metrics_dir)
     logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
     request_log = RequestLog(metrics, access_log=settings.access_log and logs_info)  # its lines are at info
     app = Service(

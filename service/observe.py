@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import bisect
 import logging
+import os
 import random
 import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import IO, Any
 
 import orjson
@@ -24,24 +26,64 @@ REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
-class Metrics:
+class Counts:
+    """What one process has counted: requests, latency, requests in flight, rows and samples."""
+
+    def __init__(self) -> None:
+        self.requests: dict[tuple[str, str, int], int] = {}  # (route, method, status) -> count
+        self.latency: dict[str, list[float]] = {}  # route -> [count per bucket..., over the last bucket, sum]
+        self.in_flight = 0
+        self.rows = {"autoencoder": 0, "vae": 0}
+        self.samples = 0
+
+    def dump(self) -> bytes:
+        return orjson.dumps(
+            {
+                "pid": os.getpid(),
+                "requests": [[*key, count] for key, count in self.requests.items()],
+                "latency": self.latency,
+                "in_flight": self.in_flight,
+                "rows": self.rows,
+                "samples": self.samples,
+            }
+        )
+
+    def add(self, data: dict[str, Any], live: bool) -> None:
+        """Add another process's counts (Counts.dump); its requests in flight only if it is alive."""
+        for route, method, status, count in data["requests"]:
+            key = (route, method, status)
+            self.requests[key] = self.requests.get(key, 0) + count
+        for route, counts in data["latency"].items():
+            mine = self.latency.setdefault(route, [0.0] * len(counts))
+            for i, value in enumerate(counts):
+                mine[i] += value
+        self.in_flight += data["in_flight"] if live else 0
+        for model, count in data["rows"].items():
+            self.rows[model] = self.rows.get(model, 0) + count
+        self.samples += data["samples"]
+
+
+class Metrics(Counts):
     """The service's Prometheus metrics, in a registry of their own (one per app).
 
     Counted in plain Python numbers and turned into Prometheus metric families only when scraped:
     every request and every count runs on the event loop's thread, so there is nothing to lock,
     and a request pays a dict lookup and an addition or two instead of the client library's locked
     counters (about 3 us a request less, measured).
+
+    With several worker processes (`shared`, a directory they all see: ENCODER_METRICS_DIR), each
+    writes its counts to a file of its own there whenever its RequestLog hands a batch on (within
+    0.25 s of a request) and when scraped, and a scrape sums every worker's file: whichever worker
+    answers it, it counts them all. A worker that exited leaves its file, so counters never go
+    back; its requests in flight are not counted.
     """
 
-    def __init__(self, routes: Iterable[str] = ()) -> None:
+    def __init__(self, routes: Iterable[str] = (), shared: Path | None = None) -> None:
+        super().__init__()
         self.registry = CollectorRegistry(auto_describe=True)
         self.model = Info("encoder_model", "The served model.", registry=self.registry)
         self.routes = frozenset(routes)
-        self.requests: dict[tuple[str, str, int], int] = {}  # (route, method, status) -> count
-        self.latency: dict[str, list[float]] = {}  # route -> [count per bucket..., over the last bucket, sum]
-        self.in_flight = 0
-        self.rows = {"autoencoder": 0, "vae": 0}
-        self.samples = 0
+        self.shared = shared
         self.catch_up: Callable[[], None] = lambda: None  # counts what is kept for later: RequestLog sets it
         self.registry.register(self)
 
@@ -65,15 +107,39 @@ class Metrics:
         self.rows[model] += rows
         self.samples += samples
 
+    def publish(self) -> None:
+        """Write this worker's counts where the other workers' scrapes read them (with `shared`)."""
+        if self.shared is None:
+            return
+        path = self.shared / f"worker-{os.getpid()}.json"
+        temporary = path.with_suffix(".tmp")
+        temporary.write_bytes(self.dump())
+        os.replace(temporary, path)  # whole or not at all, for a reader
+
+    def totals(self) -> Counts:
+        """Every worker's counts summed (with `shared`), or this one's."""
+        if self.shared is None:
+            return self
+        self.publish()
+        totals = Counts()
+        for path in sorted(self.shared.glob("worker-*.json")):
+            try:
+                data = orjson.loads(path.read_bytes())
+            except (OSError, orjson.JSONDecodeError):
+                continue
+            totals.add(data, live=data["pid"] == os.getpid() or _alive(data["pid"]))
+        return totals
+
     def collect(self) -> Iterator[Metric]:
         """The metric families as they stand (prometheus_client calls this on each scrape)."""
         self.catch_up()
+        counts = self.totals()
         requests = CounterMetricFamily(
             "encoder_http_requests",
             "HTTP requests answered, by route, method and status.",
             labels=["route", "method", "status"],
         )
-        for (route, method, status), count in sorted(self.requests.items()):
+        for (route, method, status), count in sorted(counts.requests.items()):
             requests.add_metric([route, method, str(status)], count)
         yield requests
         latency = HistogramMetricFamily(
@@ -81,19 +147,29 @@ class Metrics:
             "Time from the request's arrival to the end of its response, by route.",
             labels=["route"],
         )
-        for route, counts in sorted(self.latency.items()):
+        for route, in_buckets in sorted(counts.latency.items()):
             cumulative, buckets = 0.0, []
-            for bound, in_bucket in zip([*map(str, LATENCY_BUCKETS), "+Inf"], counts[:-1], strict=True):
+            for bound, in_bucket in zip([*map(str, LATENCY_BUCKETS), "+Inf"], in_buckets[:-1], strict=True):
                 cumulative += in_bucket
                 buckets.append((bound, cumulative))
-            latency.add_metric([route], buckets, sum_value=counts[-1])
+            latency.add_metric([route], buckets, sum_value=in_buckets[-1])
         yield latency
-        yield GaugeMetricFamily("encoder_http_requests_in_flight", "Requests being handled.", value=self.in_flight)
+        yield GaugeMetricFamily("encoder_http_requests_in_flight", "Requests being handled.", value=counts.in_flight)
         rows = CounterMetricFamily("encoder_rows_encoded", "Rows encoded, by model.", labels=["model"])
-        for model, count in sorted(self.rows.items()):
+        for model, count in sorted(counts.rows.items()):
             rows.add_metric([model], count)
         yield rows
-        yield CounterMetricFamily("encoder_samples_drawn", "VAE samples of z drawn.", value=self.samples)
+        yield CounterMetricFamily("encoder_samples_drawn", "VAE samples of z drawn.", value=counts.samples)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 # What is kept of a request: time, request id, method, path, status, seconds, bytes, client.
@@ -133,6 +209,7 @@ class RequestLog:
         self.pending: asyncio.Handle | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self.second: tuple[int, bytes] = (0, b"")
+        self.timed = access_log or metrics.shared is not None  # a batch goes out `delay` after its first
         metrics.catch_up = self.flush
 
     def request(
@@ -153,7 +230,7 @@ class RequestLog:
                 self.pending.cancel()
             self.loop = asyncio.get_running_loop()
             self.pending = self.loop.call_soon(self.flush)
-        elif self.access_log and (self.pending is None or self.loop is None or self.loop.is_closed()):
+        elif self.timed and (self.pending is None or self.loop is None or self.loop.is_closed()):
             self.loop = asyncio.get_running_loop()  # a test client's loop may be gone: a new one
             self.pending = self.loop.call_later(self.delay, self.flush)
 
@@ -168,6 +245,7 @@ class RequestLog:
         observe, route = self.metrics.observe, self.metrics.route
         for _, _, method, path, status, seconds, _, _ in kept:
             observe(route(path), method, status, seconds)
+        self.metrics.publish()
         if self.access_log:
             self.write(kept)
 
