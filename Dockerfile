@@ -20,7 +20,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     ENCODER_HOST=0.0.0.0 \
-    ENCODER_PORT=8000
+    ENCODER_PORT=8000 \
+    ENCODER_LOG_FORMAT=json
 RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin encoder
 COPY --from=build /opt/venv /opt/venv
 USER 10001

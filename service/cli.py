@@ -40,6 +40,7 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from service.observe import uvicorn_log_config
     from service.server import IN_FLIGHT, GuardedHttpToolsProtocol, serve
 
     # With ENCODER_SHUTDOWN_DELAY=0, uvicorn raises SIGTERM again once it has finished; that second
@@ -51,6 +52,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         port=settings.port if args.port is None else args.port,
         workers=settings.workers if args.workers is None else args.workers,
         log_level=settings.log_level,
+        log_config=uvicorn_log_config(settings.log_format),
         root_path=settings.root_path if args.root_path is None else args.root_path,
         proxy_headers=False,  # the app believes X-Forwarded-* from ENCODER_TRUSTED_PROXIES only
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -90,6 +90,11 @@ class Settings(BaseSettings):
 
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes `encoding-service serve` starts."""
+
+    log_format: Literal["json", "text"] = "json"
+    """`json`: every line the process writes (the access log, uvicorn's own lines with
+    `encoding-service serve`, errors with their traceback in one field) is one JSON object; `text`
+    for a terminal."""
 
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
     """Log level of the server."""

@@ -156,7 +156,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         finally:
             app.request_log.flush()
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.log_level, settings.log_format)
     paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes, *v2.routes]}
     paths |= {"/docs", "/redoc", "/openapi.json"}
     paths |= {  # the /v2 model routes, with their path parameters filled in: labels stay bounded
@@ -167,7 +167,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     metrics = Metrics(routes=paths, shared=settings.metrics_dir)
     logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
-    request_log = RequestLog(metrics, access_log=settings.access_log and logs_info)  # its lines are at info
+    request_log = RequestLog(
+        metrics, access_log=settings.access_log and logs_info, text=settings.log_format == "text"
+    )  # its lines are at info
     app = Service(
         metrics=metrics,
         request_log=request_log,

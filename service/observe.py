@@ -179,6 +179,8 @@ LINE = (
     b'{"time":"%s.%03d+00:00","level":"info","logger":"service.access","message":"request","request_id":"%s",'
     b'"method":%s,"path":%s,"status":%d,"duration_ms":%.3f,"response_bytes":%d,"client":%s}\n'
 )
+# The same, as text (ENCODER_LOG_FORMAT=text): what a client controls still goes in quotes, escaped.
+TEXT_LINE = b"%s.%03dZ INFO service.access: request_id=%s %s %s %d %.3fms %dB client=%s\n"
 
 
 class RequestLog:
@@ -199,9 +201,16 @@ class RequestLog:
     KEEP = 512
 
     def __init__(
-        self, metrics: Metrics, *, access_log: bool = True, stream: IO[bytes] | None = None, delay: float = 0.25
+        self,
+        metrics: Metrics,
+        *,
+        access_log: bool = True,
+        stream: IO[bytes] | None = None,
+        delay: float = 0.25,
+        text: bool = False,
     ) -> None:
         self.metrics = metrics
+        self.template = TEXT_LINE if text else LINE
         self.access_log = access_log
         self.stream = stream  # None: sys.stdout, as it is when the lines are written
         self.delay = delay
@@ -264,14 +273,14 @@ class RequestLog:
         stream.flush()
 
     def lines(self, kept: list[Request]) -> Iterator[bytes]:
-        """The JSON lines, made with one template: the request id is a safe token (REQUEST_ID, or
+        """The lines (JSON, or text), made with one template: the request id is a safe token (REQUEST_ID, or
         made here), the numbers are numbers, and the strings a client controls are encoded by orjson."""
-        dumps = orjson.dumps
+        dumps, template = orjson.dumps, self.template
         for at, request_id, method, path, status, seconds, size, client in kept:
             second = int(at)
             if second != self.second[0]:  # the time up to the second is made once a second
                 self.second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode())
-            yield LINE % (
+            yield template % (
                 self.second[1],
                 int((at - second) * 1000),
                 request_id,
@@ -329,7 +338,9 @@ def _request_id(scope: Scope) -> bytes:
     return random.getrandbits(128).to_bytes(16).hex().encode()  # an id, not a secret: no syscall for it
 
 
-_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime"}
+# Not fields of a line: a record's own attributes, and uvicorn's colored copy of the message.
+_RECORD_FIELDS = frozenset(logging.makeLogRecord({}).__dict__) | {"message", "asctime", "color_message"}
+TEXT_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class JsonFormatter(logging.Formatter):
@@ -348,14 +359,38 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(line, default=str).decode()
 
 
-def configure_logging(level: str) -> None:
-    """JSON lines on stdout for the service's own loggers, once per process (the access log
-    writes its own lines: AccessLog)."""
+def configure_logging(level: str, log_format: str = "json") -> None:
+    """The service's own loggers on stdout, once per process, as JSON lines or text (the access
+    log writes its own lines: RequestLog)."""
     logger = logging.getLogger("service")
     logger.setLevel(level.upper() if level != "trace" else "DEBUG")
-    if not any(getattr(handler, "_service_json", False) for handler in logger.handlers):
-        handler = logging.StreamHandler(sys.stdout)
-        handler.setFormatter(JsonFormatter())
-        handler._service_json = True  # type: ignore[attr-defined]
-        logger.addHandler(handler)
-        logger.propagate = False
+    for handler in [h for h in logger.handlers if getattr(h, "_service", False)]:
+        logger.removeHandler(handler)
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
+    handler._service = True  # type: ignore[attr-defined]
+    logger.addHandler(handler)
+    logger.propagate = False
+
+
+def uvicorn_log_config(log_format: str) -> dict[str, Any]:
+    """uvicorn's logging config, for `encoding-service serve`: its own lines (startup, errors,
+    shutdown), and anything else logged through the root logger, as JSON lines on stderr, or as
+    uvicorn writes them by default. uvicorn applies ENCODER_LOG_LEVEL on top."""
+    if log_format == "json":
+        formatter: dict[str, Any] = {"()": JsonFormatter}
+    else:
+        formatter = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s"}
+    return {
+        "version": 1,
+        "disable_existing_loggers": False,
+        "formatters": {"default": formatter},
+        "handlers": {
+            "default": {"class": "logging.StreamHandler", "formatter": "default", "stream": "ext://sys.stderr"}
+        },
+        "loggers": {
+            "uvicorn": {"handlers": ["default"], "level": "INFO", "propagate": False},
+            "uvicorn.access": {"handlers": ["default"], "level": "INFO", "propagate": False},
+        },
+        "root": {"handlers": ["default"], "level": "WARNING"},
+    }

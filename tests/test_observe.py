@@ -107,10 +107,11 @@ def test_service_logs_are_json_lines_too(capsys: pytest.CaptureFixture[str]) -> 
     record = logger.makeRecord("service.test", logging.WARNING, __file__, 1, "weights %s", ("reloaded",), None)
     line = json.loads(JsonFormatter().format(record))
     assert (line["level"], line["logger"], line["message"]) == ("warning", "service.test", "weights reloaded")
-    configure_logging("info")
-    configure_logging("info")  # once per process, however often it is called
-    ours = [h for h in logging.getLogger("service").handlers if getattr(h, "_service_json", False)]
+    configure_logging("info", "text")
+    configure_logging("info")  # one handler, however often it is called, in the format asked last
+    ours = [h for h in logging.getLogger("service").handlers if getattr(h, "_service", False)]
     assert len(ours) == 1
+    assert isinstance(ours[0].formatter, JsonFormatter)
 
 
 @pytest.mark.parametrize("settings", [Settings(access_log=False), Settings(log_level="warning")])
