@@ -246,4 +246,12 @@ def _from_environment() -> FastAPI:
         sys.exit(f"encoding-service: invalid settings: {describe(exc)}")
 
 
-app = _from_environment()
+def __getattr__(name: str) -> FastAPI:
+    """`service.main.app`, built from the environment the first time it is asked for (by
+    `uvicorn service.main:app`), so that importing this module reads nothing, configures nothing
+    and never exits."""
+    if name != "app":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    app = _from_environment()
+    globals()["app"] = app  # built once a process
+    return app

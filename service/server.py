@@ -72,18 +72,21 @@ class Watched(Protocol):
 
 
 @cache
-def _request_timeout() -> float:
-    return Settings().request_timeout
-
-
-@cache
-def _watch() -> Watch:
+def _watch(request_timeout: float) -> Watch:
     """The deadlines of every connection this process serves."""
-    return Watch(min(0.25, _request_timeout() / 4))
+    return Watch(min(0.25, request_timeout / 4))
 
 
-def _too_slow_response(path: str) -> bytes:
-    detail = f"the request body did not arrive within {_request_timeout():g} s (ENCODER_REQUEST_TIMEOUT)"
+def _request_timeout(app_state: dict[str, Any]) -> float:
+    """ENCODER_REQUEST_TIMEOUT, from the settings the app was built with (in its lifespan state)."""
+    serving = app_state.get("serving")
+    if serving is None:  # an app other than the service's
+        return cast(float, Settings.model_fields["request_timeout"].default)
+    return cast(float, serving.settings.request_timeout)
+
+
+def _too_slow_response(path: str, request_timeout: float) -> bytes:
+    detail = f"the request body did not arrive within {request_timeout:g} s (ENCODER_REQUEST_TIMEOUT)"
     body = problem(path, detail)  # in the shape of the path's API, as the app's own errors are
     head = b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     return head + b"content-length: %d\r\n\r\n%s" % (len(body), body)
@@ -157,14 +160,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         body_late = cycle is not None and cycle.scope is self.scope and not cycle.response_started
         if body_late and not self.pipeline:  # and nothing answered, or queued to be, on this connection
             cast(dict[str, Any], cycle.scope)[TIMED_OUT] = True
-            self.transport.write(_too_slow_response(route_path(cast(dict[str, Any], self.scope))))
+            self.transport.write(_too_slow_response(route_path(cast(dict[str, Any], self.scope)), self._timeout))
         self.transport.close()
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self.transport = OneWrite(transport, self.loop)  # type: ignore[assignment]
-        self._watch = watch = _watch()
-        self._arrival_ticks = watch.ticks(_request_timeout())
+        self._timeout = timeout = _request_timeout(self.app_state)
+        self._watch = watch = _watch(timeout)
+        self._arrival_ticks = watch.ticks(timeout)
         self._idle_ticks = watch.ticks(self.timeout_keep_alive)
         self._arriving: int | None = watch.now  # the first request is due within the timeout of opening
         self._idle: int | None = None

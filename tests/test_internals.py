@@ -38,6 +38,7 @@ SIGNATURES: dict[tuple[type, str], list[str]] = {
 
 # (owner, method): what its source must still do for an override to take effect
 CALLS: dict[tuple[type, str], list[str]] = {
+    (HttpToolsProtocol, "__init__"): ["self.app_state = app_state", "self.timeout_keep_alive = "],
     (HttpToolsProtocol, "data_received"): ["self._unset_keepalive_if_required()"],
     (HttpToolsProtocol, "on_headers_complete"): ["on_response=self.on_response_complete", "self.cycle = "],
     (HttpToolsProtocol, "timeout_keep_alive_handler"): ["self.transport.close()"],

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import httpx
@@ -12,7 +14,7 @@ import safetensors.numpy
 
 from service import weights
 from service.model import seeded
-from tests.conftest import CLEAN_EXIT, run_app, start_server
+from tests.conftest import CLEAN_EXIT, ROOT, run_app, server_env, start_server
 
 
 def _refusal(**settings: str) -> str:
@@ -102,3 +104,24 @@ def test_weights_from_a_file_are_served_with_their_fingerprint(tmp_path: Path, s
         assert inputs["items"]["minItems"] == inputs["items"]["maxItems"] == 8
     finally:
         assert server.stop() in CLEAN_EXIT
+
+
+def test_importing_the_app_module_reads_configures_and_exits_nothing() -> None:
+    """`import service.main` with broken settings: nothing happens until `app` is asked for,
+    which is what `uvicorn service.main:app` does."""
+    code = (
+        "import logging, service.main as m\n"
+        "assert 'app' not in vars(m)\n"
+        "assert not logging.getLogger('service').handlers\n"
+        "print('imported')\n"
+        "m.app\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, env=server_env(seed="-1"), capture_output=True, text=True, timeout=60
+    )
+    assert result.stdout == "imported\n"
+    assert result.returncode == 1
+    assert (
+        result.stderr.strip()
+        == "encoding-service: invalid settings: ENCODER_SEED: Input should be greater than or equal to 0"
+    )
