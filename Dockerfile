@@ -6,11 +6,13 @@ ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# Dependencies first, from pyproject.toml alone, so that a code change does not reinstall them.
-COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
-        > requirements.txt \
-    && pip install --requirement requirements.txt
+# Dependencies first, the versions uv.lock pins (with their hashes), so that a code change does
+# not reinstall them and a build installs what CI tested. uv only exports the lock, from a venv of
+# its own that stays in this stage.
+COPY pyproject.toml uv.lock ./
+RUN python -m venv /opt/uv && /opt/uv/bin/pip install uv==0.13.9 \
+    && /opt/uv/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt -o requirements.txt \
+    && pip install --require-hashes --no-deps --requirement requirements.txt
 COPY README.md ./
 COPY service ./service
 RUN pip install --no-deps . && find /opt/venv -name '__pycache__' -prune -exec rm -rf {} +

@@ -15,7 +15,7 @@ from importlib.resources import files
 
 from fastapi import FastAPI, Request
 from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
-from fastapi.responses import HTMLResponse, Response
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 
 ASSETS = "/docs-assets"
@@ -42,8 +42,17 @@ def redoc_bundle() -> bytes:
 
 
 def add_docs(app: FastAPI) -> None:
-    """Mount the assets and add the /docs and /redoc pages for the app's /openapi.json."""
+    """Mount the assets and add /openapi.json and the /docs and /redoc pages that show it."""
     title = app.title
+
+    @app.get("/openapi.json", include_in_schema=False)
+    async def openapi(request: Request) -> JSONResponse:
+        """The app's spec; behind a path prefix (root path), with that prefix as its server, so
+        that "Try it out" goes through the proxy. Served here rather than by FastAPI, whose
+        handling of the root path has changed from version to version."""
+        document = app.openapi()
+        root = request.scope.get("root_path", "").rstrip("/")
+        return JSONResponse({**document, "servers": [{"url": root}]} if root else document)
 
     @app.get(f"{ASSETS}/redoc.standalone.js", include_in_schema=False)
     async def redoc_js() -> Response:

@@ -209,7 +209,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=spec.TAGS,
         # No OpenTelemetry: its per-request check alone costs ~3 us, and nothing here exports it.
         telemetry={"tracing": False, "metrics": False, "logs": False},
-        docs_url=None,  # service.docs serves /docs and /redoc without any outside host
+        openapi_url=None,  # service.docs serves /openapi.json,
+        docs_url=None,  # and /docs and /redoc without any outside host
         redoc_url=None,
     )
     app.include_router(encoders)

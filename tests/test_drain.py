@@ -136,11 +136,14 @@ def test_sigint_or_a_second_sigterm_skips_the_delay(sig: signal.Signals) -> None
 
 
 def test_workers_drain_too() -> None:
-    server = start_server(SERVE, shutdown_delay="2", workers="2")
+    server = start_server(SERVE, shutdown_delay="3", workers="2")
     try:
-        server.process.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        server.process.send_signal(signal.SIGTERM)  # the supervisor passes it on within 0.5 s
         with httpx.Client(base_url=server.url) as client:
+            deadline = time.monotonic() + 10
+            while client.get("/readyz").status_code != 503 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            time.sleep(0.2)  # both workers got it by now
             assert {client.get("/readyz").status_code for _ in range(6)} == {503}
             assert client.post("/v1/autoencoder/encode", json={"inputs": [[0, 1, 1, 0, 1]]}).status_code == 200
         assert server.process.wait(timeout=30) == 0

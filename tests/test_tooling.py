@@ -16,7 +16,7 @@ BIN = Path(sys.executable).parent
 
 def _run(*argv: str) -> subprocess.CompletedProcess[str]:
     tool = shutil.which(argv[0], path=str(BIN)) or shutil.which(argv[0])
-    assert tool, f"{argv[0]} is not installed: pip install -e '.[test]'"
+    assert tool, f"{argv[0]} is not installed: uv sync --extra test (README)"
     return subprocess.run([tool, *argv[1:]], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

@@ -1,0 +1,89 @@
+"""The lowest versions pyproject.toml declares do run the service: a throwaway venv of them, made
+with uv (`--resolution lowest-direct`), runs the server tests.
+
+A floor that does not work is a user's broken install: pip keeps whatever older version it finds
+that satisfies the range. This test fails, naming the test that broke, when a change starts using
+something newer than a floor admits; raise the floor then."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+UV = Path(sys.executable).parent / "uv"
+SERVER_TESTS = [
+    "tests/test_server.py",
+    "tests/test_drain.py",
+    "tests/test_internals.py",
+    "tests/test_http.py",
+    "tests/test_routes.py",
+    "tests/test_v2.py",
+    "tests/test_main.py",
+    "tests/test_proxy.py",
+    "tests/test_faults.py",
+    "tests/test_observe.py",
+    "tests/test_logging.py",
+    "tests/test_workers.py",
+    "tests/test_docs.py",
+    "tests/test_auth.py",
+]
+# What the server tests need besides the service, at versions the lowest runtime ones allow.
+TEST_TOOLS = ["pytest", "hypothesis", "python-mimeparse", "tritonclient[http]"]
+
+
+def _run(argv: list[str | Path], **options: object) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([str(a) for a in argv], capture_output=True, text=True, timeout=1200, **options)  # type: ignore[call-overload]
+    assert result.returncode == 0, f"{argv}\n{result.stdout[-6000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def _floors() -> dict[str, str]:
+    """Each runtime dependency's declared floor: {"fastapi": "0.120", ...}."""
+    floors = {}
+    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+        match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9.]+)(?:,<[0-9.]+)?", requirement)
+        assert match, f"declare {requirement!r} as name>=floor[,<bound]"
+        floors[match[1].lower()] = match[2]
+    return floors
+
+
+def test_the_server_tests_pass_on_the_lowest_declared_versions() -> None:
+    if not UV.exists():
+        pytest.fail("uv is missing: it is a test dependency (uv sync --extra test)")
+    with tempfile.TemporaryDirectory(prefix="lowest-") as directory:
+        os.chmod(directory, 0o755)  # noqa: S103 - one fault test runs the server as another user
+        _lowest(Path(directory))
+
+
+def _lowest(tmp_path: Path) -> None:
+    python = tmp_path / "lowest" / "bin" / "python"
+    _run([UV, "venv", "-q", tmp_path / "lowest", "--python", sys.executable])
+    _run([UV, "pip", "install", "-q", "--python", python, "--resolution", "lowest-direct", "-e", ROOT])
+    installed = {
+        name.lower(): version
+        for name, version in (
+            line.split("==", 1)
+            for line in _run([UV, "pip", "freeze", "--python", python]).stdout.splitlines()
+            if "==" in line
+        )
+    }
+    for name, floor in _floors().items():  # the floors, to the release: 0.120 is 0.120.0
+        assert installed[name].split(".")[: len(floor.split("."))] == floor.split("."), (name, installed[name])
+    pins = tmp_path / "pins.txt"
+    pins.write_text(
+        "".join(f"{name}=={version}\n" for name, version in installed.items() if name != "encoding-service")
+    )
+    _run([UV, "pip", "install", "-q", "--python", python, "-c", pins, *TEST_TOOLS])
+    env = {k: v for k, v in os.environ.items() if k != "VIRTUAL_ENV"}
+    # Deprecation warnings of old versions are not failures here; everything else still is.
+    argv = [python, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore::DeprecationWarning", *SERVER_TESTS]
+    _run(argv, cwd=ROOT, env=env)
