@@ -40,8 +40,9 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.observe import uvicorn_log_config
-    from service.server import IN_FLIGHT, GuardedHttpToolsProtocol, serve
+    from service.drain import IN_FLIGHT, serve
+    from service.logs import uvicorn_log_config
+    from service.server import GuardedHttpToolsProtocol
 
     # With ENCODER_SHUTDOWN_DELAY=0, uvicorn raises SIGTERM again once it has finished; that second
     # SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.

@@ -22,24 +22,26 @@ from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
 from service import __version__, oip, spec, weights
+from service.access import Observe, RequestLog
 from service.auth import Keys, RequireKey
+from service.bodies import BodyLimit
 from service.config import Settings, describe
 from service.docs import add_docs
-from service.http import (
-    BodyLimit,
-    FastLane,
-    LeanRoute,
+from service.errors import (
     OneLineStartupErrors,
-    RootPath,
     StartupError,
     client_gone_handler,
     http_error_handler,
     validation_error_handler,
 )
+from service.lean import FastLane, LeanRoute
+from service.logs import configure_logging
+from service.metrics import Metrics
 from service.model import ModelError, seeded
-from service.observe import Metrics, Observe, RequestLog, configure_logging
-from service.routes import Serving, encoders, router
+from service.paths import RootPath
+from service.routes import encoders, router
 from service.schemas import Limits, ModelInfo
+from service.serving import Serving
 from service.v2 import protocol_error_handler, v2
 
 

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Depends, HTTPException, Request, Response
+from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.config import Settings
-from service.http import DRAINING, LeanRoute, unprocessable
-from service.model import Array, Batch, Model, affine, autoencode, decode, vae_encode
-from service.observe import Metrics
+from service.arrays import SAFETENSORS
+from service.bits import Packed
+from service.errors import unprocessable
+from service.flags import DRAINING
+from service.lean import LeanRoute
+from service.model import Array, Batch, affine, autoencode, decode, vae_encode
 from service.schemas import (
-    SAFETENSORS,
     SEED_LIMIT,
     AutoencoderDecodeRequest,
     AutoencoderRequest,
@@ -25,7 +25,6 @@ from service.schemas import (
     DecodeResponse,
     Health,
     ModelInfo,
-    Packed,
     Problem,
     Readiness,
     VaeDecodeRequest,
@@ -33,27 +32,7 @@ from service.schemas import (
     VaeResponse,
     ValidationProblem,
 )
-
-
-@dataclass(frozen=True)
-class Serving:
-    """What the lifespan loaded: the model, its description, and the settings it was loaded with."""
-
-    model: Model
-    info: ModelInfo
-    settings: Settings
-    metrics: Metrics
-
-
-async def serving(request: Request) -> Serving:
-    """The loaded model, or 503 while there is none."""
-    loaded: Serving | None = request.scope.get("state", {}).get("serving")  # the lifespan's State
-    if loaded is None:
-        raise HTTPException(503, "the model is not loaded yet")
-    return loaded
-
-
-ServingDep = Annotated[Serving, Depends(serving)]
+from service.serving import Serving, ServingDep, over_limit
 
 NOT_READY: dict[int | str, dict[str, Any]] = {
     503: {"model": Problem, "description": "The model is not loaded yet."},
@@ -77,20 +56,6 @@ CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
 router = APIRouter()
 # The encode routes take LeanRoute's short path: they are where the requests are.
 encoders = APIRouter(route_class=LeanRoute)
-
-
-def over_limit(rows: int, samples: int, limits: Settings) -> str | None:
-    """What limit a request of `rows` rows and `samples` samples per row is over, if any."""
-    if rows > limits.max_rows:
-        return f"{rows} rows is more than the limit of {limits.max_rows} (ENCODER_MAX_ROWS)"
-    if samples > limits.max_samples:
-        return f"{samples} samples is more than the limit of {limits.max_samples} (ENCODER_MAX_SAMPLES)"
-    if rows * samples > limits.max_rows_x_samples:
-        return (
-            f"{rows} rows x {samples} samples = {rows * samples} is more than the limit of "
-            f"{limits.max_rows_x_samples} (ENCODER_MAX_ROWS_X_SAMPLES)"
-        )
-    return None
 
 
 def decode_batch(inputs: Batch | Packed, loaded: Serving, samples: int = 1) -> Batch:

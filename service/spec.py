@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.auth import OPEN, PROTECTED
-from service.http import is_v2
+from service.errors import is_v2
 from service.oip import InferenceRequest
 from service.schemas import SEED_LIMIT, ModelInfo
 

@@ -15,10 +15,10 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import __version__, oip
-from service.http import DRAINING
+from service.flags import DRAINING
 from service.model import autoencode, vae_encode
-from service.routes import Serving, ServingDep, over_limit
 from service.schemas import SEED_LIMIT
+from service.serving import Serving, ServingDep, over_limit
 
 v2 = APIRouter(tags=["v2"])
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])

@@ -1,5 +1,6 @@
-"""service/http.py on its own: negotiation (RFC 9110), lane lookup, root path, body reading and
-limits, errors through the app's own handlers, and LeanRoute's refusal of what it would ignore."""
+"""The HTTP layer's modules on their own (negotiation, paths, lean, bodies): negotiation by RFC
+9110, root paths, lane lookup, errors through the app's own handlers, body reading and limits, and
+LeanRoute's refusal of what it would ignore."""
 
 from __future__ import annotations
 
@@ -18,18 +19,13 @@ from hypothesis import strategies as st
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Scope
 
-from service.http import (
-    BodyLimit,
-    BodyTooLarge,
-    FastLane,
-    LeanRoute,
-    media_ranges,
-    negotiate,
-    quality,
-    read_body,
-    route_path,
-)
-from service.schemas import SAFETENSORS, AutoencoderRequest, AutoencoderResponse
+from service.arrays import SAFETENSORS
+from service.bodies import BodyLimit, read_body
+from service.errors import BodyTooLarge
+from service.lean import FastLane, LeanRoute
+from service.negotiation import media_ranges, negotiate, quality
+from service.paths import route_path
+from service.schemas import AutoencoderRequest, AutoencoderResponse
 
 JSON = b"application/json"
 OFFERED = (JSON, SAFETENSORS)
@@ -250,8 +246,9 @@ def test_lean_routes_refuse_options_they_would_ignore(options: dict[str, Any], n
 
 
 def test_a_routers_and_an_apps_dependencies_and_prefixes_are_refused_too() -> None:
+    from service.access import RequestLog
     from service.main import Service
-    from service.observe import Metrics, RequestLog
+    from service.metrics import Metrics
 
     def service(**options: Any) -> Service:
         metrics = Metrics()

@@ -1,6 +1,6 @@
-"""The uvicorn internals that service/server.py overrides or calls are still there, as it expects.
+"""The uvicorn internals that service/server.py and service/drain.py override or call are still there.
 
-service/server.py subclasses uvicorn's httptools protocol, its server and its supervisor's worker
+service/server.py and service/drain.py subclass uvicorn's httptools protocol, its server and its supervisor's worker
 process, to keep deadlines, write responses in one piece and drain on SIGTERM. Those are not
 uvicorn's public API; pyproject pins uvicorn to the versions checked, and this test says which
 piece moved when a new uvicorn changes one, instead of a server that silently drops requests.
@@ -81,7 +81,7 @@ def test_uvicorn_still_calls_what_is_overridden(owner: type, name: str) -> None:
 
 
 def test_supervisor_makes_workers_with_the_module_global_that_serve_replaces() -> None:
-    from service.server import DrainingProcess
+    from service.drain import DrainingProcess
 
     assert issubclass(DrainingProcess, multiprocess.Process)
     assert "Process(" in inspect.getsource(multiprocess.Multiprocess.keep_subprocess_alive)

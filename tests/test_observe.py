@@ -13,10 +13,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
+from service.access import RequestLog
 from service.config import Settings
+from service.logs import JsonFormatter, configure_logging
 from service.main import create_app
+from service.metrics import Metrics
 from service.model import seeded
-from service.observe import JsonFormatter, Metrics, RequestLog, configure_logging
 
 ROW = [[0, 1, 1, 0, 1]]
 

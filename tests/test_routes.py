@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from service import weights
 from service.config import Settings
-from service.http import validation_error_handler
+from service.errors import validation_error_handler
 from service.main import create_app
 from service.model import autoencode, seeded, vae_encode
 

@@ -10,14 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.schemas import (
-    SMALL_BATCH,
-    AutoencoderRequest,
-    AutoencoderResponse,
-    NonFiniteOutput,
-    VaeRequest,
-    VaeResponse,
-)
+from service.arrays import NonFiniteOutput
+from service.bits import SMALL_BATCH
+from service.schemas import AutoencoderRequest, AutoencoderResponse, VaeRequest, VaeResponse
 
 
 @pytest.mark.parametrize(
