@@ -17,7 +17,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from service import weights
-from service.config import ROOT_PATH, Settings, describe
+from service.config import ROOT_PATH, Settings, describe, settings_table
 from service.model import ModelError, seeded
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
@@ -84,6 +84,11 @@ def _metrics_dir(settings: Settings, workers: int) -> Iterator[None]:
     with tempfile.TemporaryDirectory(prefix="encoding-service-metrics-") as directory:
         os.environ["ENCODER_METRICS_DIR"] = directory  # the workers read it with their settings
         yield
+
+
+def _settings(_args: argparse.Namespace, _settings: Settings) -> int:
+    print(settings_table(), end="")
+    return 0
 
 
 def _root_path(value: str) -> str:
@@ -195,6 +200,9 @@ def parser() -> argparse.ArgumentParser:
         "--root-path", type=_root_path, help="path prefix a proxy in front strips (default: ENCODER_ROOT_PATH)"
     )
     serve.set_defaults(run=_serve)
+
+    table = commands.add_parser("settings", help="print the table of ENCODER_ settings (the README's)")
+    table.set_defaults(run=_settings)
 
     openapi = commands.add_parser("openapi", help="write the OpenAPI spec of the default model")
     openapi.add_argument("--out", type=Path, default=DEFAULT_SPEC, help=f"where to write it (default: {DEFAULT_SPEC})")

@@ -14,7 +14,8 @@ ROOT_PATH = r"^(/[^/\s]+)*$"  # "" or "/api", "/a/b": no trailing slash
 class Settings(BaseSettings):
     """Service settings. `ENCODER_SEED=7` sets `seed`, and so on for every field."""
 
-    model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="forbid", frozen=True)
+    # Each field's docstring is its description: the README's settings table is made from them.
+    model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="forbid", frozen=True, use_attribute_docstrings=True)
 
     seed: int = Field(default=0, ge=0, lt=2**63)
     """Seed of the default weights, used when no weights file is given."""
@@ -55,7 +56,7 @@ class Settings(BaseSettings):
     0 stops at once; SIGINT (Ctrl-C) skips it."""
 
     api_key: SecretStr | None = None
-    """An API key that /v1 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""
+    """An API key that /v1 and /v2 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""
 
     api_keys_file: Path | None = None
     """A file of API keys, one a line, read again when it changes: rotate keys without a restart."""
@@ -80,7 +81,8 @@ class Settings(BaseSettings):
     it for another multi-process server, emptied at its start."""
 
     access_log: bool = True
-    """One JSON line per request on stdout: request id, method, path, status, duration, size."""
+    """One line per request on stdout (ENCODER_LOG_FORMAT): request id, method, path, status,
+    duration, size, client."""
 
     host: str = "127.0.0.1"
     """Address `encoding-service serve` listens on (0.0.0.0 in the container image)."""
@@ -97,7 +99,7 @@ class Settings(BaseSettings):
     for a terminal."""
 
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
-    """Log level of the server."""
+    """critical, error, warning, info, debug or trace; at warning and above, no access log."""
 
     @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
@@ -116,3 +118,20 @@ def describe(error: ValidationError) -> str:
         field = ".".join(str(part) for part in item["loc"])
         parts.append(f"ENCODER_{field.upper()}: {item['msg']}")
     return "; ".join(parts)
+
+
+def settings_table() -> str:
+    """The README's table of settings, made from the fields and their docstrings
+    (`encoding-service settings` prints it; tests/test_readme.py checks the README's copy)."""
+    rows = ["| variable | default | meaning |", "| --- | --- | --- |"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        if default is None or default == "" or default == []:
+            shown = "unset"
+        elif isinstance(default, bool):
+            shown = f"`{str(default).lower()}`"
+        else:
+            shown = f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
+        meaning = " ".join((field.description or "").split()).replace("|", "\\|")
+        rows.append(f"| `ENCODER_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(rows) + "\n"

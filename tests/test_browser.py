@@ -7,6 +7,7 @@ Set UPDATE_SCREENSHOT=1 to rewrite the README's screenshot of /docs.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from tests.conftest import ROOT, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "openapi" / "docs.png"
+SCREENSHOT_SPEC = ROOT / "openapi" / "docs.png.spec-sha256"  # the spec the screenshot shows (tests/test_spec.py)
 # Chromium, as root and on a closed network: no sandbox, and none of its own background traffic.
 FLAGS = [
     "--no-sandbox",
@@ -102,6 +104,8 @@ def test_swagger_ui_runs_the_vae_and_the_autoencoder_offline(live: Server, page:
     page.page.locator("#operations-v1-encode_vae").wait_for()
     if os.environ.get("UPDATE_SCREENSHOT") == "1":
         page.page.screenshot(path=str(SCREENSHOT), full_page=True)
+        spec = hashlib.sha256((ROOT / "openapi" / "openapi.json").read_bytes()).hexdigest()
+        SCREENSHOT_SPEC.write_text(f"{spec}  openapi/openapi.json\n")
     landing = page.page.locator(".information-container").inner_text()
     assert "Reproducing a VAE sample" in landing
     assert "fingerprint" in landing

@@ -15,7 +15,7 @@ ROWS = [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]]
 
 
 def reproduce(seed: int, rows: list[list[int]], samples: int, weights_seed: int = 0) -> np.ndarray:
-    """z from the README's recipe, with numpy alone: no import from the service."""
+    """z from the recipe of docs/api.md (reproducibility contract), with numpy alone: no import from the service."""
     d, k = 5, 2
     rng = np.random.default_rng(weights_seed)
     rng.standard_normal((d, k))  # the autoencoder's W comes first

@@ -23,7 +23,7 @@ SPEC = json.loads((ROOT / "openapi/openapi.json").read_text())
     params=["uvicorn --root-path", "ENCODER_ROOT_PATH", "serve --root-path", "serve, ENCODER_ROOT_PATH"],
 )
 def prefixed(request: pytest.FixtureRequest) -> Iterator[Server]:
-    """A server told that a proxy in front strips /api, in each of the ways the README gives."""
+    """A server told that a proxy in front strips /api, in each of the ways docs/operations.md gives."""
     command, settings = {
         "uvicorn --root-path": ([*UVICORN, "--root-path", "/api"], {}),
         "ENCODER_ROOT_PATH": (UVICORN, {"root_path": "/api"}),
@@ -100,7 +100,7 @@ def _logged_clients(server: Server, request_id: str) -> list[str]:
 @pytest.mark.parametrize("command", [UVICORN, SERVE], ids=["uvicorn", "serve"])
 def test_forwarded_headers_are_believed_only_from_trusted_proxies(command: list[str]) -> None:
     forwarded = {"x-forwarded-for": "203.0.113.7", "x-forwarded-proto": "https"}
-    # uvicorn itself believes 127.0.0.1 unless told not to (the README says so); serve believes none
+    # uvicorn itself believes 127.0.0.1 unless told not to (docs/operations.md says so); serve believes none
     untrusted = start_server(command + ["--no-proxy-headers"] * (command is UVICORN), stdout=True)
     trusted = start_server(command, stdout=True, trusted_proxies="10.0.0.0/8, 127.0.0.1")
     try:

@@ -1,4 +1,5 @@
-"""The README's client examples, run as they stand, in order, against a live server."""
+"""The README and the docs pages as they stand: their examples run against a live server, in
+order, and the README's settings table is the one the settings make."""
 
 from __future__ import annotations
 
@@ -9,30 +10,38 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from service.config import settings_table
 from tests.conftest import ROOT, Server
 
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
+# Where examples run: a page, and the section of it (None: all of it).
+EXAMPLES = [("README.md", "The API at a glance"), ("docs/clients.md", None)]
 
 
-def section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
+def section(page: str, title: str | None) -> str:
+    text = (ROOT / page).read_text()
+    if title is None:
+        return text
     start = text.index(f"\n## {title}\n")
     end = text.find("\n## ", start + 1)
     return text[start : end if end >= 0 else None]
 
 
-def blocks(title: str) -> list[tuple[str, str]]:
-    return [(match[1], match[2]) for match in BLOCK.finditer(section(title))]
+def blocks(page: str, title: str | None) -> list[tuple[str, str]]:
+    return [(match[1], match[2]) for match in BLOCK.finditer(section(page, title))]
 
 
-def test_the_clients_section_has_each_kind_of_client() -> None:
-    text = section("Clients")
+def test_the_clients_page_has_each_kind_of_client() -> None:
+    text = section("docs/clients.md", None)
     for name in ("curl", "service.client", "tritonclient", "kserve", "openapi-python-client"):
         assert name in text, name
-    assert {kind for kind, _ in blocks("Clients")} == {"console", "python", "sh"}
+    assert {kind for kind, _ in blocks("docs/clients.md", None)} == {"console", "python", "sh"}
 
 
-def test_every_client_example_runs(live: Server, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("page", "title"), EXAMPLES)
+def test_every_example_runs(live: Server, tmp_path: Path, page: str, title: str | None) -> None:
     address = live.url.removeprefix("http://")
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
@@ -43,7 +52,7 @@ def test_every_client_example_runs(live: Server, tmp_path: Path) -> None:
         return result.stdout
 
     ran = 0
-    for kind, code in blocks("Clients"):
+    for kind, code in blocks(page, title):
         code = code.replace("127.0.0.1:8000", address).replace("localhost:8000", address)
         if kind == "console":  # `$ command` lines, each followed by exactly what it prints
             for command, expected in re.findall(r"^\$ (.*)\n((?:(?!\$ ).*\n)*)", code, re.MULTILINE):
@@ -54,10 +63,25 @@ def test_every_client_example_runs(live: Server, tmp_path: Path) -> None:
         else:
             run([sys.executable, "-c", code])
         ran += 1
-    assert ran == len(blocks("Clients"))
+    assert ran == len(blocks(page, title)) > 0
 
 
-def test_examples_name_only_the_address_the_test_replaces() -> None:
-    for _, code in blocks("Clients"):
+@pytest.mark.parametrize(("page", "title"), EXAMPLES)
+def test_examples_name_only_the_address_the_test_replaces(page: str, title: str | None) -> None:
+    for _, code in blocks(page, title):
         for address in re.findall(r"(?:127\.0\.0\.1|localhost):\d+", code):
             assert address in ("127.0.0.1:8000", "localhost:8000"), address
+
+
+def test_the_readme_settings_table_is_made_from_the_settings() -> None:
+    text = (ROOT / "README.md").read_text()
+    table = re.search(r"<!-- settings:.*?-->\n(.*?)<!-- /settings -->", text, re.DOTALL)
+    assert table is not None, "the README's settings table lost its markers"
+    assert table[1] == settings_table(), "the README's settings table is stale: paste `encoding-service settings`"
+
+
+def test_the_readme_stays_a_landing_page() -> None:
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 250, f"README.md has {len(lines)} lines: move details into docs/"
+    for link in re.findall(r"\]\(((?:docs|openapi|deploy)/[^)#]+)", "\n".join(lines)):
+        assert (ROOT / link).exists(), link
