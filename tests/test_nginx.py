@@ -193,3 +193,32 @@ def test_docs_and_client_addresses_behind_nginx(proxy: Proxy) -> None:
     assert httpx.get(proxy.url + asset.group(0)).status_code == 200
     info = httpx.get(f"{proxy.url}/api/v1/model").json()
     assert info["input_dim"] == 5
+
+
+def test_the_docs_work_in_a_browser_under_the_prefix(proxy: Proxy) -> None:
+    """Swagger UI at /api/docs through nginx loads the spec and its assets from under /api, and
+    "Try it out" reaches the service through the prefix (the spec names /api as its server)."""
+    from tests.test_browser import CHROMIUM, FLAGS, _try_it_out
+
+    if not CHROMIUM.exists():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{CHROMIUM} is missing: .ci/run installs it", pytrace=False)
+        pytest.skip("chromium is not installed")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=FLAGS)
+        try:
+            page = browser.new_page()
+            failed: list[str] = []
+            page.on("response", lambda response: response.status >= 400 and failed.append(response.url))
+            page.goto(f"{proxy.url}/api/docs")
+            page.locator("#operations-v1-encode_vae").wait_for()
+            status, shown = _try_it_out(page, "encode_vae", {"inputs": [[0, 1, 1, 0, 1]], "seed": 7})
+            assert status == "200"
+            assert shown["seed"] == 7
+            page.goto(f"{proxy.url}/api/redoc")
+            page.get_by_text("VAE posterior and samples of binary rows").first.wait_for(state="attached")
+            assert failed == []
+        finally:
+            browser.close()
