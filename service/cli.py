@@ -54,7 +54,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
         workers=settings.workers if args.workers is None else args.workers,
         log_level=settings.log_level,
         log_config=uvicorn_log_config(settings.log_format),
-        root_path=settings.root_path if args.root_path is None else args.root_path,
+        # --root-path; ENCODER_ROOT_PATH is the app's own (RootPath), under any server, so not twice
+        root_path=args.root_path or "",
         proxy_headers=False,  # the app believes X-Forwarded-* from ENCODER_TRUSTED_PROXIES only
         access_log=False,  # the service writes its own JSON access log (ENCODER_ACCESS_LOG)
         http=GuardedHttpToolsProtocol,  # requests arrive within ENCODER_REQUEST_TIMEOUT; one write a response

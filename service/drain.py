@@ -42,6 +42,7 @@ class DrainingServer(uvicorn.Server):
         super().__init__(config)
         self.shutdown_delay = shutdown_delay
         self.drain_until: float | None = None
+        self.drain_logged = False
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: it only sets flags; on_tick, on the event loop, acts on them.
@@ -54,8 +55,8 @@ class DrainingServer(uvicorn.Server):
     async def on_tick(self, counter: int) -> bool:
         if self.drain_until is not None and not self.should_exit and time.monotonic() >= self.drain_until:
             self.should_exit = True
-        if counter % 10 == 0 and self.drain_until is not None and not getattr(self, "_drain_logged", False):
-            self._drain_logged = True
+        if counter % 10 == 0 and self.drain_until is not None and not self.drain_logged:
+            self.drain_logged = True
             logger.info("Draining: not ready, serving for %g s more (ENCODER_SHUTDOWN_DELAY)", self.shutdown_delay)
         return await super().on_tick(counter)
 

@@ -140,7 +140,7 @@ class FastLane:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        lean = self.lanes.get((scope["method"], scope["path"] if not scope.get("root_path") else route_path(scope)))
+        lean = self.lanes.get((scope["method"], route_path(scope)))
         if lean is None:
             await self.app(scope, receive, send)
             return

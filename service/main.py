@@ -184,9 +184,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     }
     metrics = Metrics(routes=paths, shared=settings.metrics_dir)
     logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
-    request_log = RequestLog(
-        metrics, access_log=settings.access_log and logs_info, text=settings.log_format == "text"
-    )  # its lines are at info
+    access_log = settings.access_log and logs_info  # its lines are at info
+    request_log = RequestLog(metrics, access_log=access_log, text=settings.log_format == "text")
     app = Service(
         metrics=metrics,
         request_log=request_log,

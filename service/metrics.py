@@ -25,20 +25,19 @@ class Counts:
         self.rows = {"autoencoder": 0, "vae": 0}
         self.samples = 0
 
-    def dump(self) -> bytes:
-        return orjson.dumps(
-            {
-                "pid": os.getpid(),
-                "requests": [[*key, count] for key, count in self.requests.items()],
-                "latency": self.latency,
-                "in_flight": self.in_flight,
-                "rows": self.rows,
-                "samples": self.samples,
-            }
-        )
+    def snapshot(self) -> dict[str, Any]:
+        """The counts as plain data, as a worker's file holds them (Counts.add reads it back)."""
+        return {
+            "pid": os.getpid(),
+            "requests": [[*key, count] for key, count in self.requests.items()],
+            "latency": self.latency,
+            "in_flight": self.in_flight,
+            "rows": self.rows,
+            "samples": self.samples,
+        }
 
     def add(self, data: dict[str, Any], live: bool) -> None:
-        """Add another process's counts (Counts.dump); its requests in flight only if it is alive."""
+        """Add a process's counts (Counts.snapshot); its requests in flight only if it is alive."""
         for route, method, status, count in data["requests"]:
             key = (route, method, status)
             self.requests[key] = self.requests.get(key, 0) + count
@@ -62,8 +61,8 @@ class Metrics(Counts):
 
     With several worker processes (`shared`, a directory they all see: ENCODER_METRICS_DIR), each
     writes its counts to a file of its own there whenever its RequestLog hands a batch on (within
-    0.25 s of a request) and when scraped, and a scrape sums every worker's file: whichever worker
-    answers it, it counts them all. A worker that exited leaves its file, so counters never go
+    0.25 s of a request), and a scrape sums its own counts and the other workers' files: whichever
+    worker answers it, it counts them all. A worker that exited leaves its file, so counters never go
     back; its requests in flight are not counted.
     """
 
@@ -102,21 +101,24 @@ class Metrics(Counts):
             return
         path = self.shared / f"worker-{os.getpid()}.json"
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(self.dump())
+        temporary.write_bytes(orjson.dumps(self.snapshot()))
         os.replace(temporary, path)  # whole or not at all, for a reader
 
     def totals(self) -> Counts:
         """Every worker's counts summed (with `shared`), or this one's."""
         if self.shared is None:
             return self
-        self.publish()
         totals = Counts()
+        totals.add(self.snapshot(), live=True)  # this worker's, as they stand
+        mine = f"worker-{os.getpid()}.json"
         for path in sorted(self.shared.glob("worker-*.json")):
+            if path.name == mine:
+                continue
             try:
                 data = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError):
                 continue
-            totals.add(data, live=data["pid"] == os.getpid() or _alive(data["pid"]))
+            totals.add(data, live=_alive(data["pid"]))
         return totals
 
     def collect(self) -> Iterator[Metric]:

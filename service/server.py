@@ -5,7 +5,6 @@ connection when the server stops (service.drain says when)."""
 from __future__ import annotations
 
 import asyncio
-import logging
 import math
 from functools import cache
 from typing import Any, Protocol, cast
@@ -17,7 +16,6 @@ from service.errors import problem
 from service.flags import TIMED_OUT
 from service.paths import route_path
 
-logger = logging.getLogger("uvicorn.error")
 GRACE = 1.0  # seconds an idle connection stays open once the server stops, for a request already sent
 
 
