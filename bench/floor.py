@@ -1,6 +1,6 @@
 """The floor: a bare ASGI app doing only what any server of this API must do.
 
-orjson parses the body, numpy does the same math as the service (service.model), orjson dumps
+orjson parses the body, numpy does the same math as the service (service.models.encoders), orjson dumps
 the result. No validation beyond what numpy does by itself, no framework, no middleware. Run it
 with `uvicorn bench.floor:app`; ENCODER_INPUT_DIM and ENCODER_LATENT_DIM set the seeded model.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.model import autoencode, seeded, vae_encode
+from service.models.encoders import autoencode, seeded, vae_encode
 
 MODEL = seeded(0, int(os.environ.get("ENCODER_INPUT_DIM", "5")), int(os.environ.get("ENCODER_LATENT_DIM", "2")))
 JSON = [(b"content-type", b"application/json")]

@@ -5,7 +5,7 @@
 Each round starts the floor (bench/floor.py) and the service (`encoding-service serve`, default
 settings but the input width), one worker each, pinned to core 0 with taskset, and loads each
 in turn with wrk pinned to core 1, on 127.0.0.1. The floor runs on plain uvicorn (uvloop and
-httptools), or with --floor-server service on the service's own protocol (service/server.py),
+httptools), or with --floor-server service on the service's own protocol (service/server/protocol.py),
 which writes each response in one piece: that tells the app's overhead from the server's gain.
 Machines are shared and noisy, so what counts is each figure's ratio to the floor in the same
 round; the table shows the median over rounds.
@@ -118,7 +118,7 @@ def start(kind: str, input_dim: int, floor_server: str = "uvicorn") -> Server:
     if kind == "floor":
         command = [sys.executable, "-m", "uvicorn", "bench.floor:app", "--port", str(port), "--no-access-log"]
         if floor_server == "service":
-            command += ["--http", "service.server:GuardedHttpToolsProtocol"]
+            command += ["--http", "service.server.protocol:GuardedHttpToolsProtocol"]
     else:
         command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     return launch(command, port, ROOT, env, kind)

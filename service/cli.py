@@ -16,9 +16,9 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from service import weights
 from service.config import ROOT_PATH, Settings, describe, settings_table
-from service.model import ModelError, seeded
+from service.models import weights
+from service.models.encoders import ModelError, seeded
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 
@@ -27,10 +27,10 @@ DEFAULT_SPEC = Path("openapi/openapi.json")
 
 def spec_document(settings: Settings) -> dict[str, Any]:
     """The OpenAPI document the service serves with these settings."""
-    from service import spec
-    from service.main import create_app, load
+    from service.api import spec
+    from service.main import create_app
 
-    return spec.build(create_app(settings), load(settings).info)
+    return spec.build(create_app(settings), settings.input_dim, settings.latent_dim, settings)
 
 
 def spec_text(settings: Settings) -> str:
@@ -40,9 +40,9 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.drain import IN_FLIGHT, serve
-    from service.logs import uvicorn_log_config
-    from service.server import GuardedHttpToolsProtocol
+    from service.server.drain import IN_FLIGHT, serve
+    from service.server.logs import uvicorn_log_config
+    from service.server.protocol import GuardedHttpToolsProtocol
 
     # With ENCODER_SHUTDOWN_DELAY=0, uvicorn raises SIGTERM again once it has finished; that second
     # SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.
@@ -128,7 +128,7 @@ def _weights(args: argparse.Namespace, settings: Settings) -> int:
 
 
 def _train(args: argparse.Namespace, _settings: Settings) -> int:
-    from service.train import load_data, train
+    from service.models.train import load_data, train
 
     try:
         data = load_data(args.data)
@@ -172,7 +172,7 @@ def _train(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def _plot(args: argparse.Namespace, _settings: Settings) -> int:
-    from service.plot import plot
+    from service.models.plot import plot
 
     try:
         plot(args.data, args.weights, args.out, labels=args.labels, samples=args.samples, seed=args.seed)

@@ -29,6 +29,14 @@ class Settings(BaseSettings):
     weights: Path | None = None
     """Path of a .npz or .safetensors weights file; when set it wins over the seed."""
 
+    model_repository: Path | None = None
+    """A model repository to serve instead of one model: `DIR/<name>/<version>/model.safetensors`
+    (or `model.npz`), with an optional `DIR/<name>/config.json`; models load and unload at run time."""
+
+    repository_poll: float | None = Field(default=None, gt=0, le=86_400)
+    """Seconds between scans of ENCODER_MODEL_REPOSITORY: new versions load, changed files reload,
+    removed ones unload. Unset: only at startup and by the load and unload API."""
+
     max_rows: int = Field(default=10_000, ge=1)
     """Most rows in one request."""
 

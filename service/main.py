@@ -1,12 +1,12 @@
-"""The application: `create_app(settings)` builds it; the lifespan loads and checks the model."""
+"""The application: `create_app(settings)` builds it; the lifespan loads, checks and warms up the models."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime
 from typing import Any, TypedDict
 
 from fastapi import APIRouter, FastAPI
@@ -21,33 +21,43 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp
 from uvicorn.middleware.proxy_headers import ProxyHeadersMiddleware
 
-from service import __version__, oip, spec, weights
-from service.access import Observe, RequestLog
-from service.auth import Keys, RequireKey
-from service.bodies import BodyLimit
+from service import __version__
+from service.api import spec
+from service.api.docs import add_docs
+from service.api.served import core_error_handler
+from service.api.v1.routes import encoders, router
+from service.api.v2 import codec as oip
+from service.api.v2.repository import repository
+from service.api.v2.routes import protocol_error_handler, v2
 from service.config import Settings, describe
-from service.docs import add_docs
-from service.errors import (
+from service.core.control import Action, Control
+from service.core.inference import DEFAULT, Core, CoreError, Limits, Served, warm_up
+from service.core.metrics import Metrics
+from service.core.repository import Repository, served_model
+from service.models import weights
+from service.models.encoders import ModelError, seeded
+from service.server.logs import configure_logging
+from service.web.access import Observe, RequestLog
+from service.web.auth import Keys, RequireKey
+from service.web.bodies import BodyLimit
+from service.web.errors import (
     OneLineStartupErrors,
     StartupError,
     client_gone_handler,
     http_error_handler,
     validation_error_handler,
 )
-from service.lean import FastLane, LeanRoute
-from service.logs import configure_logging
-from service.metrics import Metrics
-from service.model import ModelError, seeded
-from service.paths import RootPath
-from service.routes import encoders, router
-from service.schemas import Limits, ModelInfo
-from service.serving import Serving
-from service.v2 import protocol_error_handler, v2
+from service.web.lean import FastLane, LeanRoute
+from service.web.paths import RootPath
+
+logger = logging.getLogger("service")
 
 
 class State(TypedDict):
-    serving: Serving
+    core: Core
+    control: Control
     keys: Keys | None
+    settings: Settings  # what the server's protocol reads its deadlines from
 
 
 def load_keys(settings: Settings) -> Keys | None:
@@ -64,8 +74,13 @@ def load_keys(settings: Settings) -> Keys | None:
     return keys
 
 
-def load(settings: Settings, metrics: Metrics | None = None) -> Serving:
-    """The model the settings ask for, checked; StartupError (one line) when it cannot be served."""
+def server_limits(settings: Settings) -> Limits:
+    return Limits(settings.max_rows, settings.max_samples, settings.max_rows_x_samples)
+
+
+def default_model(settings: Settings) -> Served:
+    """The one model served without a repository (seeded, or ENCODER_WEIGHTS), checked and warmed
+    up; StartupError (one line) when it cannot be served."""
     if settings.weights is not None:
         try:
             model = weights.load(settings.weights)
@@ -84,24 +99,44 @@ def load(settings: Settings, metrics: Metrics | None = None) -> Serving:
         except ModelError as exc:
             raise StartupError(f"seeded weights (ENCODER_SEED={settings.seed}): {exc}") from None
         source = {"source": "seed", "seed": settings.seed, "file": None}
-    info = ModelInfo.model_validate(
-        {
-            "input_dim": model.input_dim,
-            "latent_dim": model.latent_dim,
-            **source,
-            "fingerprint": model.fingerprint(),
-            "parameters": {name: list(value.shape) for name, value in model.arrays().items()},
-            "decoders": model.has_decoders,
-            "loaded_at": datetime.now(UTC),
-            "limits": Limits.model_validate(settings.model_dump(include=set(Limits.model_fields))),
-        }
-    )
-    metrics = Metrics() if metrics is None else metrics
-    metrics.model.info(
-        {"fingerprint": info.fingerprint, "input_dim": str(info.input_dim), "latent_dim": str(info.latent_dim)}
-        | {"source": info.source, "file": info.file or "", "seed": "" if info.seed is None else str(info.seed)}
-    )
-    return Serving(model=model, info=info, settings=settings, metrics=metrics)
+    try:
+        warm_up(model)
+    except ModelError as exc:
+        raise StartupError(str(exc)) from None
+    return served_model(DEFAULT, 1, model, server_limits(settings), source)
+
+
+async def open_repository(settings: Settings) -> Repository:
+    """The models to serve: the default one, or the model repository's, each version loaded."""
+    if settings.model_repository is None:
+        return Repository(server_limits(settings), fixed=default_model(settings))
+    if not settings.model_repository.is_dir():
+        raise StartupError(f"model repository {str(settings.model_repository)!r}: not a directory")
+    repository = Repository(server_limits(settings), root=settings.model_repository)
+    await repository.scan()
+    return repository
+
+
+def model_labels(served: Served) -> dict[str, str]:
+    """encoder_model_info's labels for a served version."""
+    source = served.source
+    return {
+        "fingerprint": served.fingerprint,
+        "input_dim": str(served.model.input_dim),
+        "latent_dim": str(served.model.latent_dim),
+        "source": str(source["source"]),
+        "file": str(source["file"] or ""),
+        "seed": "" if source["seed"] is None else str(source["seed"]),
+    }
+
+
+def spec_widths(settings: Settings, repository: Repository) -> tuple[int, int]:
+    """The widths the spec documents for the default model's routes: the default model's, or the
+    settings' when a repository has no model named `default`."""
+    default = repository.serving.get(DEFAULT)
+    if default:
+        return default[-1].model.input_dim, default[-1].model.latent_dim
+    return settings.input_dim, settings.latent_dim
 
 
 def _operation_id(route: APIRoute) -> str:
@@ -165,23 +200,41 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: Service) -> AsyncIterator[State]:
-        loaded = load(settings, app.metrics)
+        repository = await open_repository(settings)
         keys = load_keys(settings)
-        app.openapi_schema = spec.build(app, loaded.info, auth=keys is not None)
+        core = Core(repository, app.metrics, settings.max_body_bytes)
+        app.metrics.served = lambda: [
+            (served.name, served.version, model_labels(served))
+            for versions in repository.serving.values()
+            for served in versions
+        ]
+
+        async def apply(action: Action) -> None:
+            verb, name = action
+            try:
+                await (repository.load(name) if verb == "load" else repository.unload(name))
+            except CoreError as exc:  # what the caller hears of: the index says it
+                logger.warning("repository: %s %s: %s", verb, name, exc)
+
+        shared = settings.metrics_dir if settings.model_repository is not None else None
+        control = Control(apply, shared)
+        await control.catch_up()  # what the other workers were told before this one started
+        tasks = [asyncio.create_task(control.run())] if shared is not None else []
+        if settings.model_repository is not None and settings.repository_poll is not None:
+            tasks.append(asyncio.create_task(poll(repository, settings.repository_poll)))
+        input_dim, latent_dim = spec_widths(settings, repository)
+        app.openapi_schema = spec.build(app, input_dim, latent_dim, settings, auth=keys is not None)
         try:
-            yield {"serving": loaded, "keys": keys}
+            yield {"core": core, "control": control, "keys": keys, "settings": settings}
         finally:
+            for task in tasks:
+                task.cancel()
             app.request_log.flush()
 
     configure_logging(settings.log_level, settings.log_format)
-    paths = {getattr(route, "path", "") for route in [*encoders.routes, *router.routes, *v2.routes]}
+    routers = [encoders, router, v2, repository]
+    paths = {getattr(route, "path", "") for each in routers for route in each.routes}
     paths |= {"/docs", "/redoc", "/openapi.json"}
-    paths |= {  # the /v2 model routes, with their path parameters filled in: labels stay bounded
-        f"/v2/models/{model}{version}{action}"
-        for model in oip.MODELS
-        for version in ("", f"/versions/{oip.VERSION}")
-        for action in ("", "/ready", "/infer")
-    }
     metrics = Metrics(routes=paths, shared=settings.metrics_dir)
     logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
     access_log = settings.access_log and logs_info  # its lines are at info
@@ -210,19 +263,29 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=spec.TAGS,
         # No OpenTelemetry: its per-request check alone costs ~3 us, and nothing here exports it.
         telemetry={"tracing": False, "metrics": False, "logs": False},
-        openapi_url=None,  # service.docs serves /openapi.json,
+        openapi_url=None,  # service.api.docs serves /openapi.json,
         docs_url=None,  # and /docs and /redoc without any outside host
         redoc_url=None,
     )
-    app.include_router(encoders)
-    app.include_router(router)
-    app.include_router(v2)
+    for each in routers:
+        app.include_router(each)
     add_docs(app)
     app.add_exception_handler(StarletteHTTPException, http_error_handler)
     app.add_exception_handler(RequestValidationError, validation_error_handler)
     app.add_exception_handler(ClientDisconnect, client_gone_handler)
     app.add_exception_handler(oip.ProtocolError, protocol_error_handler)
+    app.add_exception_handler(CoreError, core_error_handler)
     return app
+
+
+async def poll(repository: Repository, seconds: float) -> None:
+    """Serve what the repository holds every `seconds` (ENCODER_REPOSITORY_POLL)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await repository.scan()
+        except Exception:  # a directory that cannot be read now may be readable at the next poll
+            logger.exception("repository: the scan failed")
 
 
 def cors(settings: Settings) -> list[Middleware]:

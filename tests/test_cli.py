@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from service import weights
 from service.cli import main
-from service.model import seeded
+from service.models import weights
+from service.models.encoders import seeded
 from tests.conftest import ROOT, server_env
 
 

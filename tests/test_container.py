@@ -23,8 +23,8 @@ import httpx
 import numpy as np
 import pytest
 
-from service import weights
-from service.model import seeded
+from service.models import weights
+from service.models.encoders import seeded
 from tests.conftest import ROOT, free_port
 
 BASE = "docker.io/library/python:3.11-slim"

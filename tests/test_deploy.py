@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from service.config import Settings
-from service.drain import IN_FLIGHT
+from service.server.drain import IN_FLIGHT
 from tests.conftest import ROOT
 
 KUBERNETES = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))

@@ -6,7 +6,7 @@ import re
 
 from fastapi.testclient import TestClient
 
-from service.docs import REDOC_LOGO
+from service.api.docs import REDOC_LOGO
 
 
 def test_pages_reference_only_their_own_origin(client: TestClient) -> None:

@@ -19,13 +19,13 @@ from hypothesis import strategies as st
 from starlette.requests import ClientDisconnect
 from starlette.types import Message, Scope
 
-from service.arrays import SAFETENSORS
-from service.bodies import BodyLimit, read_body
-from service.errors import BodyTooLarge
-from service.lean import FastLane, LeanRoute
-from service.negotiation import media_ranges, negotiate, quality
-from service.paths import route_path
-from service.schemas import AutoencoderRequest, AutoencoderResponse
+from service.api.v1.arrays import SAFETENSORS
+from service.api.v1.schemas import AutoencoderRequest, AutoencoderResponse
+from service.web.bodies import BodyLimit, read_body
+from service.web.errors import BodyTooLarge
+from service.web.lean import FastLane, LeanRoute
+from service.web.negotiation import media_ranges, negotiate, quality
+from service.web.paths import route_path
 
 JSON = b"application/json"
 OFFERED = (JSON, SAFETENSORS)
@@ -246,9 +246,9 @@ def test_lean_routes_refuse_options_they_would_ignore(options: dict[str, Any], n
 
 
 def test_a_routers_and_an_apps_dependencies_and_prefixes_are_refused_too() -> None:
-    from service.access import RequestLog
+    from service.core.metrics import Metrics
     from service.main import Service
-    from service.metrics import Metrics
+    from service.web.access import RequestLog
 
     def service(**options: Any) -> Service:
         metrics = Metrics()

@@ -1,9 +1,10 @@
-"""The uvicorn internals that service/server.py and service/drain.py override or call are still there.
+"""The uvicorn internals that service/server/protocol.py and drain.py override or call are still there.
 
-service/server.py and service/drain.py subclass uvicorn's httptools protocol, its server and its supervisor's worker
-process, to keep deadlines, write responses in one piece and drain on SIGTERM. Those are not
-uvicorn's public API; pyproject pins uvicorn to the versions checked, and this test says which
-piece moved when a new uvicorn changes one, instead of a server that silently drops requests.
+service/server/protocol.py and service/server/drain.py subclass uvicorn's httptools protocol, its
+server and its supervisor's worker process, to keep deadlines, write responses in one piece and
+drain on SIGTERM. Those are not uvicorn's public API; pyproject pins uvicorn to the versions
+checked, and this test says which piece moved when a new uvicorn changes one, instead of a server
+that silently drops requests.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 from uvicorn.supervisors import multiprocess
 
-# (owner, method): its parameters, as service/server.py overrides or calls it
+# (owner, method): its parameters, as service/server/protocol.py overrides or calls it
 SIGNATURES: dict[tuple[type, str], list[str]] = {
     (HttpToolsProtocol, "__init__"): ["self", "config", "server_state", "app_state", "_loop"],
     (HttpToolsProtocol, "connection_made"): ["self", "transport"],
@@ -66,7 +67,7 @@ def test_overridden_and_called_methods_keep_their_signatures(owner: type, name: 
     parameters = list(inspect.signature(_member(owner, name)).parameters)
     assert parameters == SIGNATURES[owner, name], (
         f"uvicorn {uvicorn.__version__} changed {owner.__name__}.{name}{tuple(parameters)}: "
-        "service/server.py relies on the old one; check it against uvicorn's source before widening the pin"
+        "service/server/protocol.py relies on the old one; check it against uvicorn's source before widening the pin"
     )
 
 
@@ -76,12 +77,12 @@ def test_uvicorn_still_calls_what_is_overridden(owner: type, name: str) -> None:
     for needle in CALLS[owner, name]:
         assert needle in source, (
             f"uvicorn {uvicorn.__version__}: {owner.__name__}.{name} no longer has {needle!r}; "
-            "service/server.py's override may no longer take effect"
+            "service/server/protocol.py's override may no longer take effect"
         )
 
 
 def test_supervisor_makes_workers_with_the_module_global_that_serve_replaces() -> None:
-    from service.drain import DrainingProcess
+    from service.server.drain import DrainingProcess
 
     assert issubclass(DrainingProcess, multiprocess.Process)
     assert "Process(" in inspect.getsource(multiprocess.Multiprocess.keep_subprocess_alive)

@@ -89,8 +89,8 @@ def test_a_traceback_goes_into_one_field(monkeypatch: pytest.MonkeyPatch, capsys
     def broken(*_: Any) -> Any:
         raise RuntimeError("a bug in the model code")
 
-    monkeypatch.setattr("service.routes.autoencode", broken)
     with TestClient(create_app(Settings(log_format="json")), raise_server_exceptions=False) as client:
+        monkeypatch.setattr("service.models.kinds.autoencode", broken)  # after the warm-up
         assert client.post("/v1/autoencoder/encode", json={"inputs": [[0, 1, 1, 0, 1]]}).status_code == 500
     errors = [r for r in _json_lines(capsys.readouterr().out) if r["level"] == "error"]
     assert len(errors) == 1

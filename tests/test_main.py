@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from service import weights
-from service.model import seeded
+from service.models import weights
+from service.models.encoders import seeded
 from tests.conftest import CLEAN_EXIT, ROOT, run_app, server_env, start_server
 
 

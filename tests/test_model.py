@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from service.model import (
+from service.models.encoders import (
     LOG_SIGMA_MAX,
     ROWS_PER_BLOCK,
     Model,

@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from service.access import RequestLog
 from service.config import Settings
-from service.logs import JsonFormatter, configure_logging
+from service.core.metrics import Metrics
 from service.main import create_app
-from service.metrics import Metrics
-from service.model import seeded
+from service.models.encoders import seeded
+from service.server.logs import JsonFormatter, configure_logging
+from service.web.access import RequestLog
 
 ROW = [[0, 1, 1, 0, 1]]
 
@@ -59,9 +59,10 @@ def test_metrics_count_requests_rows_samples_and_name_the_model(client: TestClie
     assert samples[(requests, (("method", "POST"), ("route", "/v1/autoencoder/encode"), ("status", "200")))] == 1
     assert samples[(requests, (("method", "POST"), ("route", "/v1/vae/encode"), ("status", "422")))] == 1
     assert samples[(requests, (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
-    assert samples[("encoder_rows_encoded_total", (("model", "autoencoder"),))] == 3
-    assert samples[("encoder_rows_encoded_total", (("model", "vae"),))] == 2
-    assert samples[("encoder_samples_drawn_total", ())] == 8
+    default = (("kind", "autoencoder"), ("model", "default"), ("version", "1"))
+    assert samples[("encoder_rows_encoded_total", default)] == 3
+    assert samples[("encoder_rows_encoded_total", (("kind", "vae"), *default[1:]))] == 2
+    assert samples[("encoder_samples_drawn_total", (("model", "default"), ("version", "1")))] == 8
     count = samples[("encoder_http_request_duration_seconds_count", (("route", "/v1/vae/encode"),))]
     assert count == 2
     info = next(labels for (name, labels) in samples if name == "encoder_model_info")

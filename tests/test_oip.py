@@ -1,4 +1,4 @@
-"""service/oip.py on its own: the Open Inference Protocol codec, JSON and binary tensors, against
+"""service/api/v2/codec.py on its own: the Open Inference Protocol codec, JSON and binary tensors, against
 hand-built bodies (the end-to-end tests with real clients are in test_v2.py and test_clients.py)."""
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from service import oip
+from service.api.v2 import codec as oip
+from service.models.kinds import AUTOENCODER, VAE
 
 ROWS = np.array([[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]])
 
@@ -35,17 +36,17 @@ def _binary(rows: np.ndarray, datatype: str, **request: Any) -> tuple[bytes, str
 
 
 def test_json_and_binary_requests_decode_to_the_same_rows() -> None:
-    from_json = oip.decode(_json(), None, "vae", 5)
+    from_json = oip.decode(_json(), None, "vae", 5, VAE.outputs)
     np.testing.assert_array_equal(from_json.x, ROWS)
     for datatype in ("BOOL", "UINT8", "INT8", "INT32", "INT64", "FP32", "FP64"):
         body, length = _binary(ROWS, datatype)
-        np.testing.assert_array_equal(oip.decode(body, length, "vae", 5).x.astype(int), ROWS)
+        np.testing.assert_array_equal(oip.decode(body, length, "vae", 5, VAE.outputs).x.astype(int), ROWS)
 
 
 @given(hnp.arrays(np.uint8, st.tuples(st.integers(1, 6), st.just(5)), elements=st.integers(0, 1)))
 def test_any_binary_batch_round_trips(rows: np.ndarray) -> None:
     body, length = _binary(rows, "UINT8", id="r-1")
-    decoded = oip.decode(body, length, "autoencoder", 5)
+    decoded = oip.decode(body, length, "autoencoder", 5, AUTOENCODER.outputs)
     np.testing.assert_array_equal(decoded.x, rows)
     assert decoded.id == "r-1"
 
@@ -53,7 +54,7 @@ def test_any_binary_batch_round_trips(rows: np.ndarray) -> None:
 def test_unknown_fields_are_ignored_and_the_id_is_kept() -> None:
     body = json.loads(_json(extra=1))
     body |= {"model_name": "vae", "id": "abc", "whatever": {"x": 1}}
-    decoded = oip.decode(json.dumps(body).encode(), None, "vae", 5)
+    decoded = oip.decode(json.dumps(body).encode(), None, "vae", 5, VAE.outputs)
     assert decoded.id == "abc"
 
 
@@ -72,21 +73,23 @@ def test_unknown_fields_are_ignored_and_the_id_is_kept() -> None:
 )
 def test_bad_requests_say_what_is_wrong(body: bytes, length: str | None, message: str) -> None:
     with pytest.raises(oip.ProtocolError, match=message.replace("[", r"\[").replace("]", r"\]")):
-        oip.decode(body, length, "vae", 5)
+        oip.decode(body, length, "vae", 5, VAE.outputs)
 
 
 def test_binary_sizes_are_checked() -> None:
     body, length = _binary(ROWS, "UINT8")
     with pytest.raises(oip.ProtocolError, match="bytes after the tensors"):
-        oip.decode(body + b"\0", length, "vae", 5)
+        oip.decode(body + b"\0", length, "vae", 5, VAE.outputs)
     with pytest.raises(oip.ProtocolError, match="only 9 bytes follow"):
-        oip.decode(body[:-1], length, "vae", 5)
+        oip.decode(body[:-1], length, "vae", 5, VAE.outputs)
 
 
 def test_encode_writes_json_or_binary_outputs_with_an_id() -> None:
     arrays = {"codes": np.array([[0.5, 1.25], [0.0, 2.0]])}
-    plain = oip.decode(json.dumps({**json.loads(_json()), "id": "q"}).encode(), None, "autoencoder", 5)
-    body, headers = oip.encode("autoencoder", plain, arrays)
+    plain = oip.decode(
+        json.dumps({**json.loads(_json()), "id": "q"}).encode(), None, "autoencoder", 5, AUTOENCODER.outputs
+    )
+    body, headers = oip.encode("autoencoder", "1", plain, arrays)
     answer = json.loads(body)
     assert headers == {"content-type": "application/json"}
     assert answer["id"] == "q"
@@ -98,19 +101,11 @@ def test_encode_writes_json_or_binary_outputs_with_an_id() -> None:
         None,
         "autoencoder",
         5,
+        AUTOENCODER.outputs,
     )
-    body, headers = oip.encode("autoencoder", binary, arrays)
+    body, headers = oip.encode("autoencoder", "1", binary, arrays)
     header_length = int(headers["inference-header-content-length"])
     header = json.loads(body[:header_length])
     assert header["id"]  # a new one
     assert header["outputs"][0]["parameters"] == {"binary_data_size": 16}
     np.testing.assert_array_equal(np.frombuffer(body[header_length:], np.float32).reshape(2, 2), arrays["codes"])
-
-
-def test_check_model_knows_the_two_models_and_their_one_version() -> None:
-    assert oip.check_model("vae", None) == "vae"
-    assert oip.check_model("autoencoder", "1") == "autoencoder"
-    for name, version in (("gpt", None), ("vae", "2")):
-        with pytest.raises(oip.ProtocolError) as raised:
-            oip.check_model(name, version)
-        assert raised.value.status == 404

@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service import weights
 from service.config import Settings
-from service.errors import validation_error_handler
 from service.main import create_app
-from service.model import autoencode, seeded, vae_encode
+from service.models import weights
+from service.models.encoders import autoencode, seeded, vae_encode
+from service.web.errors import validation_error_handler
 
 ROWS = [[0, 1, 1, 0, 1], [1, 0, 0, 1, 0], [0, 0, 0, 0, 0]]
 MODEL = seeded(0, 5, 2)
@@ -147,7 +147,7 @@ def test_a_non_finite_input_cannot_break_the_error_response() -> None:
     # FastAPI's default handler echoes the input; a NaN there would make the error response itself fail.
     # orjson refuses NaN in a body (see above), so feed the handler one directly.
     error = RequestValidationError([{"type": "x", "loc": ("body", "samples"), "msg": "bad", "input": math.nan}])
-    response = asyncio.run(validation_error_handler(Request({"type": "http"}), error))
+    response = asyncio.run(validation_error_handler(Request({"type": "http", "path": "/v1/vae/encode"}), error))
     assert response.status_code == 422
     assert json.loads(response.body) == {"detail": [{"type": "x", "loc": ["body", "samples"], "msg": "bad"}]}
 
@@ -285,7 +285,7 @@ def test_content_negotiation(client: TestClient, accept: str, status: int, media
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    from service.train import train
+    from service.models.train import train
 
     bits = np.random.default_rng(0).integers(0, 2, size=(200, 5))
     model, _ = train(bits, seed=0, epochs=5)
@@ -348,8 +348,8 @@ def test_a_bug_is_a_plain_500_without_a_traceback(
     def broken(*_: Any) -> Any:
         raise RuntimeError("a bug in the model code")
 
-    monkeypatch.setattr("service.routes.autoencode", broken)
     with TestClient(create_app(Settings()), raise_server_exceptions=False) as client:
+        monkeypatch.setattr("service.models.kinds.autoencode", broken)  # after the warm-up
         response = client.post("/v1/autoencoder/encode", json={"inputs": ROWS})
         assert (response.status_code, response.json()) == (500, {"detail": "internal server error"})
         assert "RuntimeError" not in response.text

@@ -10,9 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.arrays import NonFiniteOutput
-from service.bits import SMALL_BATCH
-from service.schemas import AutoencoderRequest, AutoencoderResponse, VaeRequest, VaeResponse
+from service.api.v1.arrays import NonFiniteOutput
+from service.api.v1.bits import SMALL_BATCH
+from service.api.v1.schemas import AutoencoderRequest, AutoencoderResponse, VaeRequest, VaeResponse
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import sys
 
-from service.server import OneWrite, Watch
+from service.server.protocol import OneWrite, Watch
 from tests.conftest import start_server
 
 

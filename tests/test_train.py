@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service import weights
-from service.model import Model, autoencode, vae_encode
-from service.train import ae_loss, load_data, train, vae_loss
+from service.models import weights
+from service.models.encoders import Model, autoencode, vae_encode
+from service.models.train import ae_loss, load_data, train, vae_loss
 from tests.conftest import ROOT, server_env
 
 

@@ -96,7 +96,7 @@ def test_a_subset_of_outputs_in_fp32(live: Server, triton_client: triton.Inferen
 @pytest.mark.parametrize(
     ("model", "rows", "parameters", "words"),
     [
-        ("nope", ROWS, {}, "unknown model 'nope'"),
+        ("nope", ROWS, {}, "no model 'nope'"),
         ("vae", np.array([[0, 1, 2, 0, 1]]), {}, "row 0, column 2: expected 0 or 1, got 2"),
         ("vae", np.array([[0, 1, 1]]), {}, "has shape [1, 3], expected [rows, 5]"),
         ("vae", ROWS, {"samples": 0}, "parameter 'samples' must be an integer with 1 <= samples"),

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from service import weights
-from service.model import seeded
+from service.models import weights
+from service.models.encoders import seeded
 
 
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])

@@ -24,7 +24,7 @@ def _counted(text: str) -> dict[str, float]:
                 found["requests"] = found.get("requests", 0) + sample.value
             elif sample.name == "encoder_http_request_duration_seconds_count" and labels["route"] == "/v1/vae/encode":
                 found["timed"] = sample.value
-            elif sample.name == "encoder_rows_encoded_total" and labels["model"] == "vae":
+            elif sample.name == "encoder_rows_encoded_total" and labels["kind"] == "vae":
                 found["rows"] = sample.value
             elif sample.name == "encoder_samples_drawn_total":
                 found["samples"] = sample.value
@@ -42,7 +42,7 @@ def test_every_scrape_counts_every_workers_requests(tmp_path: Path) -> None:
         time.sleep(1)  # each worker hands its counts on within 0.25 s
         files = sorted(tmp_path.glob("worker-*.json"))
         assert stale not in files
-        per_worker = [dict(json.loads(path.read_text())["rows"])["vae"] for path in files]
+        per_worker = [dict(json.loads(path.read_text())["rows"])["default|1|vae"] for path in files]
         assert len(per_worker) == 2, per_worker
         assert all(0 < rows < 600 for rows in per_worker), per_worker  # both answered some
         for _ in range(6):

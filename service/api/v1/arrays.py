@@ -15,8 +15,8 @@ from pydantic import (
     model_validator,
 )
 
-from service.model import Array
-from service.weights import safetensors
+from service.models.encoders import Array
+from service.models.weights import safetensors
 
 SAFETENSORS = b"application/x-safetensors"
 

@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import bisect
 import os
+import re
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import orjson
-from prometheus_client import CollectorRegistry, Info
-from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client import CollectorRegistry
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    InfoMetricFamily,
+    Metric,
+)
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -22,8 +29,8 @@ class Counts:
         self.requests: dict[tuple[str, str, int], int] = {}  # (route, method, status) -> count
         self.latency: dict[str, list[float]] = {}  # route -> [count per bucket..., over the last bucket, sum]
         self.in_flight = 0
-        self.rows = {"autoencoder": 0, "vae": 0}
-        self.samples = 0
+        self.rows: dict[str, int] = {}  # "model|version|kind" -> rows
+        self.samples: dict[str, int] = {}  # "model|version" -> samples of z
 
     def snapshot(self) -> dict[str, Any]:
         """The counts as plain data, as a worker's file holds them (Counts.add reads it back)."""
@@ -46,9 +53,10 @@ class Counts:
             for i, value in enumerate(counts):
                 mine[i] += value
         self.in_flight += data["in_flight"] if live else 0
-        for model, count in data["rows"].items():
-            self.rows[model] = self.rows.get(model, 0) + count
-        self.samples += data["samples"]
+        for key, count in data["rows"].items():
+            self.rows[key] = self.rows.get(key, 0) + count
+        for key, count in data["samples"].items():
+            self.samples[key] = self.samples.get(key, 0) + count
 
 
 class Metrics(Counts):
@@ -69,8 +77,15 @@ class Metrics(Counts):
     def __init__(self, routes: Iterable[str] = (), shared: Path | None = None) -> None:
         super().__init__()
         self.registry = CollectorRegistry(auto_describe=True)
-        self.model = Info("encoder_model", "The served model.", registry=self.registry)
-        self.routes = frozenset(routes)
+        self.routes = frozenset(route for route in routes if "{" not in route)
+        # Routes with path parameters are labelled by their template: labels stay bounded.
+        self.templates = [
+            (re.compile("^" + re.sub(r"\\{[a-z_]+\\}", "[^/]+", re.escape(route)) + "$"), route)
+            for route in sorted(routes)
+            if "{" in route
+        ]
+        # What is served now, for encoder_model_info (the app sets it): (name, version, labels) per version.
+        self.served: Callable[[], Iterable[tuple[str, int, dict[str, str]]]] = lambda: ()
         self.shared = shared
         self.catch_up: Callable[[], None] = lambda: None  # counts what is kept for later: RequestLog sets it
         self.registry.register(self)
@@ -79,6 +94,10 @@ class Metrics(Counts):
         """A bounded label for a path: a known one, the docs assets, or "unmatched"."""
         if path in self.routes:
             return path
+        if path.startswith(("/v1/models/", "/v2/models/", "/v2/repository/models/")):
+            for pattern, template in self.templates:
+                if pattern.match(path):
+                    return template
         return "/docs-assets" if path.startswith("/docs-assets/") else "unmatched"
 
     def observe(self, route: str, method: str, status: int, seconds: float) -> None:
@@ -91,9 +110,12 @@ class Metrics(Counts):
         latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: a bucket counts what is <= its bound
         latency[-1] += seconds
 
-    def encoded(self, model: str, rows: int, samples: int = 0) -> None:
-        self.rows[model] += rows
-        self.samples += samples
+    def encoded(self, model: str, version: int, kind: str, rows: int, samples: int = 0) -> None:
+        key = f"{model}|{version}|{kind}"  # names have no "|" (service.core.repository.NAME)
+        self.rows[key] = self.rows.get(key, 0) + rows
+        if samples:
+            key = f"{model}|{version}"
+            self.samples[key] = self.samples.get(key, 0) + samples
 
     def publish(self) -> None:
         """Write this worker's counts where the other workers' scrapes read them (with `shared`)."""
@@ -146,11 +168,26 @@ class Metrics(Counts):
             latency.add_metric([route], buckets, sum_value=in_buckets[-1])
         yield latency
         yield GaugeMetricFamily("encoder_http_requests_in_flight", "Requests being handled.", value=counts.in_flight)
-        rows = CounterMetricFamily("encoder_rows_encoded", "Rows encoded, by model.", labels=["model"])
-        for model, count in sorted(counts.rows.items()):
-            rows.add_metric([model], count)
+        rows = CounterMetricFamily(
+            "encoder_rows_encoded", "Rows encoded, by model, version and kind.", labels=["model", "version", "kind"]
+        )
+        for key, count in sorted(counts.rows.items()):
+            rows.add_metric(key.split("|"), count)
         yield rows
-        yield CounterMetricFamily("encoder_samples_drawn", "VAE samples of z drawn.", value=counts.samples)
+        samples = CounterMetricFamily(
+            "encoder_samples_drawn", "VAE samples of z drawn, by model and version.", labels=["model", "version"]
+        )
+        for key, count in sorted(counts.samples.items()):
+            samples.add_metric(key.split("|"), count)
+        yield samples
+        info = InfoMetricFamily(
+            "encoder_model",
+            "Each model version served: its fingerprint, dimensions and where its weights came from.",
+            labels=["model", "version"],
+        )
+        for name, version, labels in self.served():
+            info.add_metric([name, str(version)], labels)
+        yield info
 
 
 def _alive(pid: int) -> bool:

@@ -11,8 +11,8 @@ from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.errors import BodyTooLarge, problem
-from service.paths import route_path
+from service.web.errors import BodyTooLarge, problem
+from service.web.paths import route_path
 
 
 def _header(scope: Scope, name: bytes) -> bytes | None:
@@ -65,7 +65,7 @@ class BodyLimit:
     """Refuse a request body over `limit` bytes with 413: at once when its Content-Length says so,
     and as it streams when it has none (the HTTP parser holds a declared body to its length, so
     only those need counting). A body that arrives too slowly is the server's business
-    (service.server: 408 after ENCODER_REQUEST_TIMEOUT)."""
+    (service.server.protocol: 408 after ENCODER_REQUEST_TIMEOUT)."""
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app = app

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from service.model import Array, Model, ModelError, autoencode, decode, seeded, sigmoid, vae_encode
+from service.models.encoders import Array, Model, ModelError, autoencode, decode, seeded, sigmoid, vae_encode
 
 Params = dict[str, Array]
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import problem
-from service.paths import route_path
+from service.web.errors import problem
+from service.web.paths import route_path
 
 PROTECTED = ("/v1/", "/v2")
 OPEN = ("/v2/health/",)  # the protocol's own probes stay open, as /healthz and /readyz do

@@ -1,5 +1,5 @@
-"""The request and response models of the API (the rows they hold are parsed by service.bits, the
-arrays they answer are written by service.arrays)."""
+"""The request and response models of the API (the rows they hold are parsed by service.api.v1.bits, the
+arrays they answer are written by service.api.v1.arrays)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,10 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from service.arrays import ArrayModel, float64_array, nested_numbers
-from service.bits import Inputs, bit_error, explain, kind_of
-from service.model import DECODE_LIMIT, Array
-
-SEED_LIMIT = 2**63
+from service.api.v1.arrays import ArrayModel, float64_array, nested_numbers
+from service.api.v1.bits import Inputs, bit_error, explain, kind_of
+from service.core.inference import SEED_LIMIT
+from service.models.encoders import DECODE_LIMIT, Array
 
 
 def _json_int(value: Any) -> Any:
@@ -161,6 +160,24 @@ class VaeResponse(ArrayModel):
         return self
 
 
+# The per-model routes take rows as wide as the model they name: the same bodies, documented without
+# the default model's widths (service.api.spec writes those into the classes above only).
+class AnyWidthAutoencoderRequest(AutoencoderRequest):
+    """A batch of binary rows to encode, each as wide as the named model's input_dim."""
+
+
+class AnyWidthVaeRequest(VaeRequest):
+    """A batch of binary rows to encode with the VAE, each as wide as the named model's input_dim."""
+
+
+class AnyWidthAutoencoderDecodeRequest(AutoencoderDecodeRequest):
+    """Autoencoder codes to decode, each row as wide as the named model's latent_dim."""
+
+
+class AnyWidthVaeDecodeRequest(VaeDecodeRequest):
+    """VAE latents z to decode, each row as wide as the named model's latent_dim."""
+
+
 class Limits(BaseModel):
     max_rows: int = Field(description="Most rows in one request.")
     max_samples: int = Field(description="Most VAE samples per row.")
@@ -171,6 +188,9 @@ class Limits(BaseModel):
 class ModelInfo(BaseModel):
     """What the service serves: dimensions, where the weights came from, and their fingerprint."""
 
+    name: str = Field(description="The model's name: `default` without a model repository.")
+    version: int = Field(description="The version answering: a version directory's number (1 without a repository).")
+    description: str = Field(description="The model's description, from its config.json.")
     input_dim: int = Field(description="Width of an input row.")
     latent_dim: int = Field(description="Width of a code.")
     source: Literal["seed", "file"] = Field(
@@ -185,6 +205,32 @@ class ModelInfo(BaseModel):
         description="When this process loaded the weights: what it serves until it restarts, even if the file changes."
     )
     limits: Limits
+
+
+class VersionState(BaseModel):
+    version: int
+    state: Literal["READY", "UNAVAILABLE"] = Field(description="READY: served; UNAVAILABLE: not, `reason` says why.")
+    reason: str = Field(description="Why a version is not served, or why a reload of it failed.")
+    input_dim: int | None = None
+    latent_dim: int | None = None
+    fingerprint: str | None = None
+    loaded_at: datetime | None = None
+    routes: dict[str, str] = Field(description="The URL of each of this version's routes, by kind/op.")
+
+
+class ModelEntry(BaseModel):
+    name: str
+    description: str
+    state: Literal["READY", "UNAVAILABLE"] = Field(description="READY when any version is served.")
+    reason: str = Field(description="Why no version is served (unloaded, a bad config.json, ...).")
+    routes: dict[str, str] = Field(description="The URL of each route of the model's highest ready version.")
+    versions: list[VersionState]
+
+
+class ModelList(BaseModel):
+    """Every model the server knows, ready or not."""
+
+    models: list[ModelEntry]
 
 
 class Health(BaseModel):

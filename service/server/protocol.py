@@ -1,6 +1,6 @@
 """How `encoding-service serve` serves connections: uvicorn's httptools protocol, with a deadline
 for each request to arrive, each response written in one piece, and a graceful end of each
-connection when the server stops (service.drain says when)."""
+connection when the server stops (service.server.drain says when)."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from typing import Any, Protocol, cast
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service.config import Settings
-from service.errors import problem
-from service.flags import TIMED_OUT
-from service.paths import route_path
+from service.server.flags import TIMED_OUT
+from service.web.errors import problem
+from service.web.paths import route_path
 
 GRACE = 1.0  # seconds an idle connection stays open once the server stops, for a request already sent
 
@@ -70,10 +70,10 @@ def _watch(request_timeout: float) -> Watch:
 
 def _request_timeout(app_state: dict[str, Any]) -> float:
     """ENCODER_REQUEST_TIMEOUT, from the settings the app was built with (in its lifespan state)."""
-    serving = app_state.get("serving")
-    if serving is None:  # an app other than the service's
+    settings = app_state.get("settings")
+    if settings is None:  # an app other than the service's
         return cast(float, Settings.model_fields["request_timeout"].default)
-    return cast(float, serving.settings.request_timeout)
+    return cast(float, settings.request_timeout)
 
 
 def _too_slow_response(path: str, request_timeout: float) -> bytes:

@@ -1,31 +1,33 @@
 """The Open Inference Protocol (KServe v2) routes, beside /v1: the same models, the same numbers.
 
-Handlers decode with service.oip, compute with service.model, and encode with service.oip;
-every error is {"error": "..."}: 400 for a bad request, 404 for an unknown model or version.
+Handlers decode with service.api.v2.codec, compute with the inference core (service.core), and
+encode with service.api.v2.codec; every error is {"error": "..."}: 400 for a bad request, 404 for
+an unknown model or version, 413 over a limit, 503 while a model has no ready version.
 """
 
 from __future__ import annotations
 
 import inspect
-import secrets
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import __version__, oip
-from service.flags import DRAINING
-from service.model import autoencode, vae_encode
-from service.schemas import SEED_LIMIT
-from service.serving import Serving, ServingDep, over_limit
+from service import __version__
+from service.api.served import core_of
+from service.api.v2 import codec as oip
+from service.core.inference import SEED_LIMIT, Core, Served
+from service.models.kinds import Kind
+from service.server.flags import ANSWERED, DRAINING
 
 v2 = APIRouter(tags=["v2"])
 Endpoint = TypeVar("Endpoint", bound=Callable[..., Any])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": oip.ErrorResponse, "description": "A request the protocol or the model cannot serve."},
     404: {"model": oip.ErrorResponse, "description": "No such model, or no such version of it."},
-    413: {"model": oip.ErrorResponse, "description": "A body over ENCODER_MAX_BODY_BYTES."},
+    413: {"model": oip.ErrorResponse, "description": "A body over ENCODER_MAX_BODY_BYTES, or a batch over a limit."},
+    503: {"model": oip.ErrorResponse, "description": "No version of the model is ready (or nothing is loaded yet)."},
 }
 BINARY = (
     "the JSON, `Inference-Header-Content-Length` bytes long, then the raw little-endian bytes of each "
@@ -92,34 +94,49 @@ async def server_ready(request: Request) -> JSONResponse:
     """200 once the models are loaded, 503 before, and again from SIGTERM on while the server
     drains (ENCODER_SHUTDOWN_DELAY)."""
     state = request.scope.get("state", {})
-    ready = state.get("serving") is not None and not state.get(DRAINING)
+    ready = state.get("core") is not None and not state.get(DRAINING)
     return JSONResponse({"ready": ready}, status_code=200 if ready else 503)
 
 
+def _answering(request: Request, model_name: str, model_version: str | None) -> tuple[Core, Served, tuple[Kind, ...]]:
+    """The core, the version that answers and which of its kinds the name stands for (Core.target)."""
+    core = core_of(request)
+    name, kinds = core.target(model_name)
+    served = core.resolve(name, model_version)
+    request.scope[ANSWERED] = served
+    return core, served, kinds
+
+
 def by_model(method: str, action: str, summary: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
-    """Route an endpoint at /v2/models/{model_name}{action}, and a copy of it that checks the
-    version first at /v2/models/{model_name}/versions/{model_version}{action}."""
+    """Route an endpoint at /v2/models/{model_name}{action} (the model's highest ready version),
+    and at /v2/models/{model_name}/versions/{model_version}{action}."""
 
     def register(endpoint: Endpoint) -> Endpoint:
         common = {"methods": [method], "responses": ERRORS} | options
         path = "/v2/models/{model_name}"
-        v2.add_api_route(path + action, endpoint, summary=summary, operation_id=endpoint.__name__, **common)
+        signature = inspect.signature(endpoint)
+        others = [
+            p.replace(kind=inspect.Parameter.KEYWORD_ONLY)
+            for p in signature.parameters.values()
+            if p.name != "model_version"
+        ]
+
+        async def unversioned(**arguments: Any) -> Any:
+            return await endpoint(model_version=None, **arguments)
 
         async def versioned(model_version: str, **arguments: Any) -> Any:
-            oip.check_model(arguments["model_name"], model_version)
-            return await endpoint(**arguments)
+            return await endpoint(model_version=model_version, **arguments)
 
-        signature = inspect.signature(endpoint)
         version = inspect.Parameter("model_version", inspect.Parameter.KEYWORD_ONLY, annotation=str)
-        versioned.__signature__ = signature.replace(  # type: ignore[attr-defined]
-            parameters=[p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()]
-            + [version]
-        )
+        unversioned.__signature__ = signature.replace(parameters=others)  # type: ignore[attr-defined]
+        versioned.__signature__ = signature.replace(parameters=[*others, version])  # type: ignore[attr-defined]
+        unversioned.__doc__ = endpoint.__doc__
+        v2.add_api_route(path + action, unversioned, summary=summary, operation_id=endpoint.__name__, **common)
         v2.add_api_route(
             path + "/versions/{model_version}" + action,
             versioned,
             summary=summary + ", by version",
-            description=f"As `{method} {path}{action}`, for one version of the model (`1`).\n\n"
+            description=f"As `{method} {path}{action}`, for one ready version of the model.\n\n"
             + inspect.cleandoc(endpoint.__doc__ or ""),
             operation_id=endpoint.__name__ + "_version",
             **common,
@@ -130,16 +147,21 @@ def by_model(method: str, action: str, summary: str, **options: Any) -> Callable
 
 
 @by_model("GET", "", "Model metadata", response_model=oip.ModelMetadata)
-async def model_metadata(model_name: str, loaded: ServingDep) -> oip.ModelMetadata:
-    """The model's input (`input`, [-1, input_dim]) and outputs with their datatypes and shapes."""
-    name = oip.check_model(model_name, None)
-    return oip.model_metadata(name, loaded.model.input_dim, loaded.model.latent_dim)
+async def model_metadata(model_name: str, request: Request, model_version: str | None = None) -> oip.ModelMetadata:
+    """The model's input (`input`, [-1, input_dim]) and outputs with their datatypes and shapes, and
+    its ready versions."""
+    core, served, kinds = _answering(request, model_name, model_version)
+    versions = [str(s.version) for s in core.repository.serving[served.name]]
+    shapes = {name: shape for kind in kinds for name, shape in kind.shapes(served.model.latent_dim).items()}
+    return oip.model_metadata(model_name, versions, served.model.input_dim, shapes)
 
 
 @by_model("GET", "/ready", "Model readiness")
-async def model_ready(model_name: str, loaded: ServingDep) -> dict[str, Any]:
-    """200 with `ready: true` once the model is loaded (before, the `loaded` dependency answers 503)."""
-    return {"name": oip.check_model(model_name, None), "ready": True}
+async def model_ready(model_name: str, request: Request, model_version: str | None = None) -> dict[str, Any]:
+    """200 with `ready: true` when the model (or that version) is served; 404 for a model or
+    version the server does not have, 503 while none of its versions is ready."""
+    _answering(request, model_name, model_version)
+    return {"name": model_name, "ready": True}
 
 
 @by_model(
@@ -150,33 +172,25 @@ async def model_ready(model_name: str, loaded: ServingDep) -> dict[str, Any]:
     openapi_extra=INFERENCE,
     responses={**ERRORS, 200: INFERRED},
 )
-async def infer(model_name: str, request: Request, loaded: ServingDep) -> Response:
-    """Encode the rows of tensor `input` with `autoencoder` (output `codes`) or `vae` (`mu`,
-    `log_sigma`, `z`, `kl`; parameters `seed` and `samples`, the seed used coming back in the
-    response's parameters). The numbers are those of /v1 for the same rows and seed."""
-    name = oip.check_model(model_name, None)
+async def infer(model_name: str, request: Request, model_version: str | None = None) -> Response:
+    """Encode the rows of tensor `input`. A model of the repository (and `default`) has the outputs
+    of both its kinds, `codes` and `mu`, `log_sigma`, `z`, `kl`: ask for some with `outputs`, and
+    only their kinds are computed. `autoencoder` and `vae` are the default model's two kinds, with
+    their outputs alone. The VAE takes parameters `seed` and `samples`; the seed used comes back in
+    the response's parameters. The numbers are those of /v1 for the same rows and seed."""
+    core, served, kinds = _answering(request, model_name, model_version)
     body = await request.body()
-    decoded = oip.decode(body, request.headers.get("inference-header-content-length"), name, loaded.model.input_dim)
-    content, headers = _compute(name, decoded, loaded)
-    return Response(content, headers=headers)
-
-
-def _compute(name: str, decoded: oip.Decoded, loaded: Serving) -> tuple[bytes, dict[str, str]]:
-    rows = decoded.x.shape[0]
-    if name == "autoencoder":
-        if (problem := over_limit(rows, 1, loaded.settings)) is not None:
-            raise oip.ProtocolError(problem)
-        loaded.metrics.encoded("autoencoder", rows)
-        return oip.encode(name, decoded, {"codes": autoencode(loaded.model, decoded.x)})
-    samples = _integer(decoded.parameters, "samples", 1, 1, None)
-    seed = _integer(decoded.parameters, "seed", None, 0, SEED_LIMIT - 1)
-    if (problem := over_limit(rows, samples, loaded.settings)) is not None:
-        raise oip.ProtocolError(problem)
-    seed = secrets.randbelow(SEED_LIMIT) if seed is None else seed
-    out = vae_encode(loaded.model, decoded.x, samples, seed)
-    loaded.metrics.encoded("vae", rows, rows * samples)
-    arrays = {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl}
-    return oip.encode(name, decoded, arrays, {"seed": seed})
+    outputs = tuple(name for kind in kinds for name in kind.outputs)
+    header = request.headers.get("inference-header-content-length")
+    decoded = oip.decode(body, header, model_name, served.model.input_dim, outputs)
+    wanted = tuple(kind for kind in kinds if set(kind.outputs) & set(decoded.outputs))
+    sampled = any(kind.sampled for kind in wanted)
+    samples = _integer(decoded.parameters, "samples", 1, 1, None) if sampled else 1
+    seed = _integer(decoded.parameters, "seed", None, 0, SEED_LIMIT - 1) if sampled else None
+    out = core.encode(served, wanted, decoded.x, samples, seed)
+    parameters = {"seed": out.seed} if out.seed is not None else None
+    content, headers = oip.encode(model_name, str(served.version), decoded, out.arrays, parameters)
+    return Response(content, headers=headers | {name.decode(): value.decode() for name, value in served.headers})
 
 
 def _integer(parameters: dict[str, Any], key: str, default: int | None, low: int, high: int | None) -> Any:
@@ -187,5 +201,6 @@ def _integer(parameters: dict[str, Any], key: str, default: int | None, low: int
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
         bound = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
-        raise oip.ProtocolError(f"parameter {key!r} must be an integer with {bound}, got {value!r}")
+        got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise oip.ProtocolError(f"parameter {key!r} must be an integer with {bound}, got {got}")
     return value

@@ -17,7 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
-from service.model import Batch
+from service.models.encoders import Batch
 
 # Batches of more values than this are read as bytes (parse_bits); smaller ones by a set test a row.
 # Measured: a 1 x 5 batch takes 1.4 us by the set test and 1.8 as bytes; 4 x 5, 2.6 and 2.3;

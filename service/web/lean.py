@@ -15,9 +15,10 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.bodies import parse_json_body
-from service.negotiation import negotiate
-from service.paths import route_path
+from service.server.flags import ANSWERED
+from service.web.bodies import parse_json_body
+from service.web.negotiation import negotiate
+from service.web.paths import route_path
 
 Lean = Callable[[Scope, Receive, Send], Awaitable[None]]
 logger = logging.getLogger("service")
@@ -98,6 +99,9 @@ class LeanRoute(APIRoute):
             media_type = negotiate(asked.get(b"accept"), result.MEDIA_TYPES)
             content = result.render(media_type)
             headers = [(b"content-type", media_type), (b"content-length", str(len(content)).encode())]
+            answered = scope.get(ANSWERED)  # who answered, when a dependency resolved a model
+            if answered is not None:
+                headers.extend(answered.headers)
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": content})
 
@@ -129,18 +133,31 @@ class FastLane:
     ) -> None:
         self.app = app
         self.handlers = handlers if handlers is not None else {}
+        lean = [route for route in routes if isinstance(route, LeanRoute)]
         self.lanes = {
             (method, route.path): route.lean
-            for route in routes
-            if isinstance(route, LeanRoute)
+            for route in lean
+            if not route.param_convertors
             for method in route.methods or ()
         }
+        # Routes with path parameters (/v1/models/{model_name}/...): matched by their regex, after
+        # the exact paths miss, and only under their common prefix.
+        self.patterns = [
+            (method, route.path_regex, route.lean)
+            for route in lean
+            if route.param_convertors
+            for method in route.methods or ()
+        ]
+        self.prefixes = tuple({route.path.split("{", 1)[0] for route in lean if route.param_convertors})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        lean = self.lanes.get((scope["method"], route_path(scope)))
+        path = route_path(scope)
+        lean = self.lanes.get((scope["method"], path))
+        if lean is None and self.prefixes and path.startswith(self.prefixes):
+            lean = self._match(scope, path)
         if lean is None:
             await self.app(scope, receive, send)
             return
@@ -155,6 +172,14 @@ class FastLane:
                 answer = handler(Request(scope, receive), exc)
                 response = await answer if inspect.isawaitable(answer) else answer
             await response(scope, receive, send)
+
+    def _match(self, scope: Scope, path: str) -> Lean | None:
+        """The lane whose pattern the path matches, with its path parameters set in the scope."""
+        for method, regex, lean in self.patterns:
+            if method == scope["method"] and (match := regex.match(path)):
+                scope["path_params"] = match.groupdict()
+                return lean
+        return None
 
     def _handler(self, exc: Exception) -> Callable[..., Any] | None:
         """The app's handler for this exception's class or its nearest base, as Starlette finds it;

@@ -12,7 +12,7 @@ from fastapi.utils import is_body_allowed_for_status_code
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.paths import route_path
+from service.web.paths import route_path
 
 
 def is_v2(path: str) -> bool:
@@ -73,6 +73,10 @@ def _clean(error: dict[str, Any]) -> dict[str, Any]:
 async def validation_error_handler(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
     detail = [_clean(error) for error in exc.errors()]
+    if is_v2(route_path(request.scope)):  # the protocol's shape: 400, {"error": "where: what"}
+        first = detail[0]
+        where = ".".join(str(part) for part in first["loc"])
+        return Response(problem("/v2", f"{where}: {first['msg']}"), status_code=400, media_type="application/json")
     return Response(orjson.dumps({"detail": detail}), status_code=422, media_type="application/json")
 
 

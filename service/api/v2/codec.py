@@ -17,7 +17,8 @@ import numpy.typing as npt
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.model import Batch
+from service.core.inference import shown
+from service.models.encoders import Batch
 
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -29,9 +30,6 @@ DATATYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype("<f8"),
 }
 INPUT_NAME = "input"
-OUTPUTS = {"autoencoder": ("codes",), "vae": ("mu", "log_sigma", "z", "kl")}
-MODELS = tuple(OUTPUTS)
-VERSION = "1"
 
 
 class ProtocolError(Exception):
@@ -47,7 +45,7 @@ class RequestInput(BaseModel):
     # the protocol defines are ignored, as KServe's own servers do; what is here is checked.
     model_config = ConfigDict(extra="ignore")
 
-    name: str
+    name: str = Field(json_schema_extra={"enum": [INPUT_NAME]}, description="The model's one input.")
     shape: list[int] = Field(description="[rows, input_dim]")
     datatype: Literal["BOOL", "UINT8", "INT8", "INT32", "INT64", "FP32", "FP64"]
     parameters: dict[str, Any] | None = Field(default=None, description="binary_data_size for binary data")
@@ -143,27 +141,18 @@ class Decoded:
     id: str | None = None
 
 
-def model_metadata(name: str, input_dim: int, latent_dim: int) -> ModelMetadata:
-    shapes = {"codes": [-1, latent_dim], "mu": [-1, latent_dim], "log_sigma": [-1, latent_dim]}
-    shapes |= {"z": [-1, -1, latent_dim], "kl": [-1]}
+def model_metadata(name: str, versions: list[str], input_dim: int, shapes: dict[str, list[int]]) -> ModelMetadata:
+    """The protocol's model metadata: one input, [rows, input_dim], and each output's shape."""
     return ModelMetadata(
         name=name,
-        versions=[VERSION],
+        versions=versions,
         platform="numpy",
         inputs=[MetadataTensor(name=INPUT_NAME, datatype="FP64", shape=[-1, input_dim])],
-        outputs=[MetadataTensor(name=out, datatype="FP64", shape=shapes[out]) for out in OUTPUTS[name]],
+        outputs=[MetadataTensor(name=out, datatype="FP64", shape=shape) for out, shape in shapes.items()],
     )
 
 
-def check_model(name: str, version: str | None) -> str:
-    if name not in OUTPUTS:
-        raise ProtocolError(f"unknown model {name!r}; this server serves {' and '.join(MODELS)}", 404)
-    if version is not None and version != VERSION:
-        raise ProtocolError(f"model {name!r} has no version {version!r}; its only version is {VERSION!r}", 404)
-    return name
-
-
-def decode(body: bytes, header_length: str | None, model: str, input_dim: int) -> Decoded:
+def decode(body: bytes, header_length: str | None, model: str, input_dim: int, outputs: tuple[str, ...]) -> Decoded:
     """An inference request's body (JSON, then binary tensors if header_length is given) as arrays."""
     try:
         json_length = len(body) if header_length is None else int(header_length)
@@ -182,12 +171,12 @@ def decode(body: bytes, header_length: str | None, model: str, input_dim: int) -
     binary = memoryview(body)[json_length:]
     tensor = request.inputs[0]
     if tensor.name != INPUT_NAME:
-        raise ProtocolError(f"unknown input {tensor.name!r}; model {model!r} takes one input, {INPUT_NAME!r}")
+        raise ProtocolError(f"unknown input {shown(tensor.name)}; model {shown(model)} takes one input, {INPUT_NAME!r}")
     x, used = _tensor(tensor, binary, input_dim)
     if used != len(binary):
         raise ProtocolError(f"the body holds {len(binary) - used} bytes after the tensors it declares")
     parameters = request.parameters or {}
-    return Decoded(x=x, parameters=parameters, outputs=_outputs(request, model, parameters), id=request.id)
+    return Decoded(x=x, parameters=parameters, outputs=_outputs(request, model, outputs, parameters), id=request.id)
 
 
 def _tensor(tensor: RequestInput, binary: memoryview, input_dim: int) -> tuple[Batch, int]:
@@ -246,18 +235,20 @@ def _json_values(data: list[Any], datatype: str) -> npt.NDArray[Any]:
     return values
 
 
-def _outputs(request: InferenceRequest, model: str, parameters: dict[str, Any]) -> dict[str, tuple[bool, str]]:
+def _outputs(
+    request: InferenceRequest, model: str, names: tuple[str, ...], parameters: dict[str, Any]
+) -> dict[str, tuple[bool, str]]:
     """The outputs to send: name -> (as binary, datatype)."""
     binary_default = parameters.get("binary_data_output") is True
     default_type = parameters.get("output_datatype", "FP64")
     if default_type not in ("FP32", "FP64"):
         raise ProtocolError(f'output_datatype must be "FP32" or "FP64", got {default_type!r}')
     if request.outputs is None:
-        return {name: (binary_default, default_type) for name in OUTPUTS[model]}
+        return {name: (binary_default, default_type) for name in names}
     chosen = {}
     for output in request.outputs:
-        if output.name not in OUTPUTS[model]:
-            raise ProtocolError(f"unknown output {output.name!r}; model {model!r} has {', '.join(OUTPUTS[model])}")
+        if output.name not in names:
+            raise ProtocolError(f"unknown output {shown(output.name)}; model {shown(model)} has {', '.join(names)}")
         options = output.parameters or {}
         datatype = options.get("datatype", default_type)
         if datatype not in ("FP32", "FP64"):
@@ -267,7 +258,7 @@ def _outputs(request: InferenceRequest, model: str, parameters: dict[str, Any]) 
 
 
 def encode(
-    model: str, decoded: Decoded, arrays: dict[str, Any], parameters: dict[str, Any] | None = None
+    model: str, version: str, decoded: Decoded, arrays: dict[str, Any], parameters: dict[str, Any] | None = None
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, then the binary outputs in order if any."""
     outputs, chunks = [], []
@@ -284,7 +275,7 @@ def encode(
             tensor["data"] = value.ravel()
         outputs.append(tensor)
     request_id = decoded.id if decoded.id is not None else str(uuid.uuid4())  # KServe's clients read one
-    response: dict[str, Any] = {"model_name": model, "model_version": VERSION, "id": request_id, "outputs": outputs}
+    response: dict[str, Any] = {"model_name": model, "model_version": version, "id": request_id, "outputs": outputs}
     if parameters:
         response["parameters"] = parameters
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)

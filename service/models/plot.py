@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import numpy.typing as npt
 
-from service import weights
-from service.model import Array, autoencode, vae_encode
-from service.train import load_data
+from service.models import weights
+from service.models.encoders import Array, autoencode, vae_encode
+from service.models.train import load_data
 
 
 def load_labels(path: Path, rows: int) -> npt.NDArray[np.str_]:

@@ -15,7 +15,7 @@ from types import FrameType
 import uvicorn
 from uvicorn.supervisors import multiprocess
 
-from service.flags import DRAINING
+from service.server.flags import DRAINING
 
 logger = logging.getLogger("uvicorn.error")
 

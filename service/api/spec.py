@@ -7,10 +7,11 @@ from typing import Any
 
 from fastapi import FastAPI
 
-from service.auth import OPEN, PROTECTED
-from service.errors import is_v2
-from service.oip import InferenceRequest
-from service.schemas import SEED_LIMIT, ModelInfo
+from service.api.v2.codec import InferenceRequest
+from service.config import Settings
+from service.core.inference import SEED_LIMIT
+from service.web.auth import OPEN, PROTECTED
+from service.web.errors import is_v2
 
 DESCRIPTION = """\
 Send batches of binary vectors (multi-hot attributes, fingerprints, binarized images) and get
@@ -101,9 +102,10 @@ def _require_keys(document: dict[str, Any]) -> None:
                 }
 
 
-def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
-    """The app's OpenAPI document with the served model's widths, the limits and fitting examples,
-    and, when API keys are required, their security schemes, so that "Authorize" works in /docs."""
+def build(app: FastAPI, input_dim: int, latent_dim: int, limits: Settings, auth: bool = False) -> dict[str, Any]:
+    """The app's OpenAPI document with the default model's widths on its routes, the limits and
+    fitting examples, and, when API keys are required, their security schemes, so that "Authorize"
+    works in /docs. The per-model routes take rows of any width: each model has its own."""
     app.openapi_schema = None
     document = app.openapi()
     # The /v2 inference body is read raw (JSON, or JSON then binary tensors): its schema is added here.
@@ -111,8 +113,8 @@ def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
     document["components"]["schemas"].update(request_schema.pop("$defs"))
     document["components"]["schemas"]["InferenceRequest"] = request_schema
     for example in request_schema["examples"]:
-        flat = [bit for row in example_rows(info.input_dim) for bit in row]
-        example["inputs"][0] |= {"shape": [2, info.input_dim], "data": flat}
+        flat = [bit for row in example_rows(input_dim) for bit in row]
+        example["inputs"][0] |= {"shape": [2, input_dim], "data": flat}
     if auth:
         _require_keys(document)
     schemas = document["components"]["schemas"]
@@ -124,7 +126,7 @@ def build(app: FastAPI, info: ModelInfo, auth: bool = False) -> dict[str, Any]:
                 operation["responses"].pop("422", None)
     for unused in ("HTTPValidationError", "ValidationError"):
         schemas.pop(unused, None)
-    d, k, limits = info.input_dim, info.latent_dim, info.limits
+    d, k = input_dim, latent_dim
     rows, samples = (1, limits.max_rows), (1, limits.max_samples)
     for name in ("AutoencoderRequest", "VaeRequest"):
         matrix, packed = schemas[name]["properties"]["inputs"]["anyOf"]

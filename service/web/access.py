@@ -10,27 +10,30 @@ import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from typing import IO
+from typing import IO, Any
 
 import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.flags import TIMED_OUT
-from service.metrics import Metrics
-from service.paths import route_path
+from service.core.metrics import Metrics
+from service.server.flags import ANSWERED, TIMED_OUT
+from service.web.paths import route_path
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
-# What is kept of a request: time, request id, method, path, status, seconds, bytes, client.
-Request = tuple[float, bytes, str, str, int, float, int, tuple[str, int] | None]
+# What is kept of a request: time, request id, method, path, status, seconds, bytes, client, and
+# the model version that answered it (a service.core.inference.Served), if any.
+Request = tuple[float, bytes, str, str, int, float, int, tuple[str, int] | None, Any]
 # One access-log line, as JsonFormatter would write it (the time in ISO 8601, UTC, to the millisecond).
 LINE = (
     b'{"time":"%s.%03d+00:00","level":"info","logger":"service.access","message":"request","request_id":"%s",'
-    b'"method":%s,"path":%s,"status":%d,"duration_ms":%.3f,"response_bytes":%d,"client":%s}\n'
+    b'"method":%s,"path":%s,"status":%d,"duration_ms":%.3f,"response_bytes":%d,"client":%s%s}\n'
 )
+ANSWERED_JSON = b',"model":%s,"version":%d'  # on the lines of requests a model answered
 # The same, as text (ENCODER_LOG_FORMAT=text): what a client controls still goes in quotes, escaped.
-TEXT_LINE = b"%s.%03dZ INFO service.access: request_id=%s %s %s %d %.3fms %dB client=%s\n"
+TEXT_LINE = b"%s.%03dZ INFO service.access: request_id=%s %s %s %d %.3fms %dB client=%s%s\n"
+ANSWERED_TEXT = b" model=%s version=%d"
 
 
 class RequestLog:
@@ -61,6 +64,7 @@ class RequestLog:
     ) -> None:
         self.metrics = metrics
         self.template = TEXT_LINE if text else LINE
+        self.answered = ANSWERED_TEXT if text else ANSWERED_JSON
         self.access_log = access_log
         self.stream = stream  # None: sys.stdout, as it is when the lines are written
         self.delay = delay
@@ -80,10 +84,11 @@ class RequestLog:
         seconds: float,
         size: int,
         client: tuple[str, int] | None,
+        answered: Any = None,
     ) -> None:
         """Keep one request, stamped with the time now."""
         kept = self.kept
-        kept.append((time.time(), request_id, method, path, status, seconds, size, client))
+        kept.append((time.time(), request_id, method, path, status, seconds, size, client, answered))
         if len(kept) == self.KEEP:  # soon, but after this step: its response goes out first
             if self.pending is not None:
                 self.pending.cancel()
@@ -102,7 +107,7 @@ class RequestLog:
         if not kept:
             return
         observe, route = self.metrics.observe, self.metrics.route
-        for _, _, method, path, status, seconds, _, _ in kept:
+        for _, _, method, path, status, seconds, _, _, _ in kept:
             observe(route(path), method, status, seconds)
         self.metrics.publish()
         if self.access_log:
@@ -126,7 +131,7 @@ class RequestLog:
         """The lines (JSON, or text), made with one template: the request id is a safe token (REQUEST_ID, or
         made here), the numbers are numbers, and the strings a client controls are encoded by orjson."""
         dumps, template = orjson.dumps, self.template
-        for at, request_id, method, path, status, seconds, size, client in kept:
+        for at, request_id, method, path, status, seconds, size, client, answered in kept:
             second = int(at)
             if second != self.second[0]:  # the time up to the second is made once a second
                 self.second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode())
@@ -140,6 +145,7 @@ class RequestLog:
                 seconds * 1000,
                 size,
                 dumps(client[0] if client else ""),
+                b"" if answered is None else self.answered % (dumps(answered.name), answered.version),
             )
 
 
@@ -178,7 +184,16 @@ class Observe:
             if TIMED_OUT in scope:  # the server answered 408 itself
                 status, size = 408, 0
             elapsed = time.perf_counter() - started
-            self.log.request(request_id, scope["method"], route_path(scope), status, elapsed, size, scope.get("client"))
+            self.log.request(
+                request_id,
+                scope["method"],
+                route_path(scope),
+                status,
+                elapsed,
+                size,
+                scope.get("client"),
+                scope.get(ANSWERED),
+            )
 
 
 def _request_id(scope: Scope) -> bytes:

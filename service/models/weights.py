@@ -8,7 +8,7 @@ from types import ModuleType
 
 import numpy as np
 
-from service.model import Model, ModelError
+from service.models.encoders import Model, ModelError
 
 FORMATS = (".npz", ".safetensors")
 

@@ -1,0 +1,68 @@
+"""Which model a request is for (the ServedDep of every inference route), and how each API says a
+CoreError: the core names the problem, the API its status."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import Depends, HTTPException, Request, Response
+
+from service.core.inference import Core, CoreError, Problem, Served
+from service.server.flags import ANSWERED
+from service.web.errors import is_v2, problem
+from service.web.paths import route_path
+
+# The status each API gives each problem. The same mistake means the same thing on both.
+STATUS: dict[str, dict[Problem, int]] = {
+    "v1": {
+        Problem.NOT_FOUND: 404,
+        Problem.NOT_READY: 503,
+        Problem.OVER_LIMIT: 413,
+        Problem.BAD_INPUT: 422,
+        Problem.NO_DECODER: 409,
+    },
+    "v2": {
+        Problem.NOT_FOUND: 404,
+        Problem.NOT_READY: 503,
+        Problem.OVER_LIMIT: 413,
+        Problem.BAD_INPUT: 400,
+        Problem.NO_DECODER: 400,
+    },
+}
+
+
+def core_of(request: Request) -> Core:
+    """The app's inference core, or 503 before the lifespan has loaded the models."""
+    core: Core | None = request.scope.get("state", {}).get("core")
+    if core is None:
+        raise HTTPException(503, "the model is not loaded yet")
+    return core
+
+
+async def core_dep(request: Request) -> Core:
+    return core_of(request)
+
+
+async def served(request: Request) -> Served:
+    """The model and version the path names (`model_name`, `model_version`; the default model on
+    the routes without them), marked on the request for its response headers and access log line."""
+    core = core_of(request)
+    params = request.scope.get("path_params") or {}
+    answering = core.resolve(params.get("model_name"), params.get("model_version"))
+    request.scope[ANSWERED] = answering
+    return answering
+
+
+ServedDep = Annotated[Served, Depends(served)]
+CoreDep = Annotated[Core, Depends(core_dep)]
+
+
+async def core_error_handler(request: Request, exc: Exception) -> Response:
+    """A CoreError in the shape and with the status of the path's API."""
+    assert isinstance(exc, CoreError)
+    path = route_path(request.scope)
+    status = STATUS["v2" if is_v2(path) else "v1"][exc.problem]
+    detail: Any = str(exc)
+    if status == 422:  # /v1's validation shape: where, as a location
+        detail = [{"type": "value_error", "loc": ["body", *exc.where], "msg": str(exc)}]
+    return Response(problem(path, detail), status_code=status, media_type="application/json")

@@ -1,0 +1,109 @@
+"""The protocol's model repository extension, as Triton and MLServer answer it: the index, and
+load and unload by name. Loads and unloads reach every worker before they are answered
+(service.core.control)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
+
+from service.api.served import core_of
+from service.api.v2.codec import ErrorResponse
+from service.core.control import Control
+from service.core.inference import CoreError, Problem, shown
+from service.core.repository import valid_name
+
+repository = APIRouter(tags=["repository"])
+ERRORS: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorResponse, "description": "Not a model name, no repository, or no version could be loaded."},
+    404: {"model": ErrorResponse, "description": "No such model in the repository."},
+    503: {"model": ErrorResponse, "description": "Not loaded yet, or a worker did not apply the change in time."},
+}
+
+
+class IndexRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"ready": True}]})
+
+    ready: StrictBool = Field(default=False, description="Only the versions that are ready.")
+
+
+class IndexEntry(BaseModel):
+    name: str
+    version: str = Field(description="The version, or empty for a model that has none to list.")
+    state: str = Field(description="READY or UNAVAILABLE.")
+    reason: str = Field(description="Why a version is not ready, or why its last reload failed.")
+
+
+class ControlRequest(BaseModel):
+    """Triton's clients send parameters (unload_dependents, config); none applies here."""
+
+    model_config = ConfigDict(extra="ignore", json_schema_extra={"examples": [{"parameters": {}}]})
+
+    parameters: dict[str, Any] | None = None
+
+
+EVERYTHING = IndexRequest()  # what an empty body asks for, as Triton's clients may send
+NO_PARAMETERS = ControlRequest()
+
+
+def _control(request: Request) -> Control:
+    control: Control | None = request.scope.get("state", {}).get("control")
+    if control is None:
+        raise HTTPException(503, "the models are not loaded yet")
+    return control
+
+
+@repository.post("/v2/repository/index", response_model=list[IndexEntry], responses=ERRORS, summary="Repository index")
+async def repository_index(request: Request, body: IndexRequest = EVERYTHING) -> list[dict[str, str]]:
+    """Every model of the repository with each version's state (and, when not ready, why)."""
+    rows: list[dict[str, str]] = core_of(request).repository.index(ready_only=body.ready)
+    return rows
+
+
+@repository.post(
+    "/v2/repository/models/{model_name}/load",
+    response_model=list[IndexEntry],
+    responses=ERRORS,
+    summary="Load a model",
+)
+async def load_model(model_name: str, request: Request, body: ControlRequest = NO_PARAMETERS) -> list[dict[str, str]]:
+    """Load the model from its directory, or load it again: new versions are served, changed files
+    read again, removed versions unloaded; a version whose file is bad keeps what it served. Answered
+    once every worker serves the result: the model's index entries; 400 if no version is ready."""
+    core, control = core_of(request), _control(request)
+    core.repository.check_explicit()
+    valid_name(model_name)
+    await _submit(control, "load", model_name)
+    rows = [row for row in core.repository.index() if row["name"] == model_name]
+    if not rows:
+        raise CoreError(Problem.NOT_FOUND, f"no model {shown(model_name)} in the repository")
+    if not any(row["state"] == "READY" for row in rows):
+        raise HTTPException(400, f"failed to load {model_name!r}: {core.repository.why(model_name)}")
+    return rows
+
+
+@repository.post(
+    "/v2/repository/models/{model_name}/unload",
+    response_model=list[IndexEntry],
+    responses=ERRORS,
+    summary="Unload a model",
+)
+async def unload_model(model_name: str, request: Request, body: ControlRequest = NO_PARAMETERS) -> list[dict[str, str]]:
+    """Stop serving every version of the model (requests already running finish on it); it stays
+    unloaded until loaded again. Answered once every worker has unloaded it."""
+    core, control = core_of(request), _control(request)
+    core.repository.check_explicit()
+    valid_name(model_name)
+    await _submit(control, "unload", model_name)
+    if not core.repository.known(model_name):
+        raise CoreError(Problem.NOT_FOUND, f"no model {shown(model_name)} in the repository")
+    return [row for row in core.repository.index() if row["name"] == model_name]
+
+
+async def _submit(control: Control, verb: str, name: str) -> None:
+    try:
+        await control.submit((verb, name))
+    except TimeoutError as exc:
+        raise HTTPException(503, str(exc)) from None
