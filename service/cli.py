@@ -7,6 +7,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import sys
 import tempfile
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 
 from service.config import ROOT_PATH, Settings, describe, settings_table
 from service.models import weights
-from service.models.encoders import ModelError, seeded
+from service.models.encoders import Model, ModelError, seeded
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 
@@ -47,6 +48,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     # With ENCODER_SHUTDOWN_DELAY=0, uvicorn raises SIGTERM again once it has finished; that second
     # SIGTERM lands here, so a graceful stop exits 0, as orchestrators expect.
     signal.signal(signal.SIGTERM, lambda _signal, _frame: sys.exit(0))
+    if args.model_repository is not None:  # the app, in each worker, reads it with its settings
+        os.environ["ENCODER_MODEL_REPOSITORY"] = str(args.model_repository.resolve())
     config = uvicorn.Config(
         "service.main:app",
         host=args.host or settings.host,
@@ -78,8 +81,11 @@ def _metrics_dir(settings: Settings, workers: int) -> Iterator[None]:
         yield
         return
     if settings.metrics_dir is not None:
-        for stale in settings.metrics_dir.glob("worker-*.json"):
-            stale.unlink()
+        from service.core.control import STALE
+
+        for pattern in ("worker-*.json", *STALE):
+            for stale in settings.metrics_dir.glob(pattern):
+                stale.unlink()
         yield
         return
     with tempfile.TemporaryDirectory(prefix="encoding-service-metrics-") as directory:
@@ -156,19 +162,59 @@ def _train(args: argparse.Namespace, _settings: Settings) -> int:
             patience=args.patience,
             progress=progress,
         )
-        weights.save(model, args.out)
+        if args.repository is not None:
+            out, report_path = publish_version(args.repository, args.name, model, report)
+        else:
+            out, report_path = args.out, args.report or args.out.with_suffix(".json")
+            weights.save(model, out)
+            report_path.write_text(json.dumps(report, indent=2) + "\n")
     except (ModelError, weights.WeightsError, OSError) as exc:
         print(f"encoding-service: {exc}", file=sys.stderr)
         return 1
-    report_path = args.report or args.out.with_suffix(".json")
-    report_path.write_text(json.dumps(report, indent=2) + "\n")
     accuracy = report["held_out_accuracy"]
     print(
-        f"wrote {args.out} ({report['fingerprint']}) and {report_path}: held-out bit accuracy "
+        f"wrote {out} ({report['fingerprint']}) and {report_path}: held-out bit accuracy "
         f"{accuracy['autoencoder']:.3f} (autoencoder), {accuracy['vae']:.3f} (vae), "
         f"{report['rows_per_second']:,} rows/s"
     )
     return 0
+
+
+def publish_version(repository: Path, name: str, model: Model, report: dict[str, Any]) -> tuple[Path, Path]:
+    """Write `model` as the next version of `name` in a model repository, whole or not at all: the
+    weights and the report go into a hidden directory beside the versions, which is then renamed to
+    the next version number (a rename is atomic, so a polling server never reads half a file, and
+    two trainings at once take two numbers). The paths of the weights file and the report."""
+    from service.core.inference import VERSION
+
+    folder = repository / name
+    folder.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=folder))
+    try:
+        weights.save(model, staging / "model.safetensors")
+        (staging / "report.json").write_text(json.dumps(report, indent=2) + "\n")
+        while True:
+            taken = [int(p.name) for p in folder.iterdir() if VERSION.fullmatch(p.name)]
+            version = folder / str(max(taken, default=0) + 1)
+            try:
+                staging.rename(version)  # fails if another training took the number first
+                break
+            except OSError:
+                if not version.exists():
+                    raise
+        return version / "model.safetensors", version / "report.json"
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _name(value: str) -> str:
+    from service.core.inference import CoreError
+    from service.core.repository import valid_name
+
+    try:
+        return valid_name(value)
+    except CoreError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _plot(args: argparse.Namespace, _settings: Settings) -> int:
@@ -200,6 +246,9 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--root-path", type=_root_path, help="path prefix a proxy in front strips (default: ENCODER_ROOT_PATH)"
     )
+    serve.add_argument(
+        "--model-repository", type=Path, help="a model repository to serve (default: ENCODER_MODEL_REPOSITORY)"
+    )
     serve.set_defaults(run=_serve)
 
     table = commands.add_parser("settings", help="print the table of ENCODER_ settings (the README's)")
@@ -219,7 +268,10 @@ def parser() -> argparse.ArgumentParser:
 
     fit = commands.add_parser("train", help="train both models on a file of 0/1 rows; write weights with decoders")
     fit.add_argument("data", type=Path, help=".npy, .npz or .csv of 0/1 rows")
-    fit.add_argument("--out", type=Path, required=True, help="weights file to write (.safetensors or .npz)")
+    target = fit.add_mutually_exclusive_group(required=True)
+    target.add_argument("--out", type=Path, help="weights file to write (.safetensors or .npz)")
+    target.add_argument("--repository", type=Path, help="model repository to write the next version into (with --name)")
+    fit.add_argument("--name", type=_name, help="the model's name in --repository")
     fit.add_argument("--report", type=Path, help="JSON report (default: the weights file's name with .json)")
     fit.add_argument("--latent-dim", type=int, default=2, help="code width (default 2)")
     fit.add_argument("--seed", type=int, default=0, help="seed: the same data and seed give the same weights")
@@ -242,7 +294,10 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
+    command = parser()
+    args = command.parse_args(argv)
+    if args.command == "train" and (args.repository is None) != (args.name is None):
+        command.error("--repository and --name go together")
     try:
         settings = Settings()
     except ValidationError as exc:

@@ -5,6 +5,10 @@
     with Client("http://127.0.0.1:8000") as client:
         codes = client.encode(x)                     # (rows, latent_dim)
         vae = client.vae(x, samples=3, seed=42)      # vae.mu, vae.log_sigma, vae.z, vae.kl, vae.seed
+        client.models()                              # what is served: names, versions, states
+
+    Client(url, model="fingerprints", version=2)     # that model (and version) for every call
+    client.encode(x, model="fingerprints")           # or for one call (its highest ready version)
 
 Large batches travel packed (numpy.packbits) with safetensors responses; small ones as JSON; the
 numbers are the same. Every call is safe to repeat (without a seed the client draws one first),
@@ -20,6 +24,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import numpy as np
@@ -94,15 +99,24 @@ def _batch(x: npt.ArrayLike, packed: bool | None) -> tuple[Any, bool]:
     return bits.astype(np.int64).tolist(), False
 
 
-def _encode_call(x: npt.ArrayLike, packed: bool | None) -> _Call:
+def prefix(model: str | None, version: int | None) -> str:
+    """The path of a model's routes: /v1 for the server's default model, else /v1/models/{model}
+    (its highest ready version) or /v1/models/{model}/versions/{version}."""
+    if model is None and version is None:
+        return "/v1"
+    path = f"/v1/models/{quote(model or 'default', safe='')}"
+    return path if version is None else f"{path}/versions/{int(version)}"
+
+
+def _encode_call(x: npt.ArrayLike, packed: bool | None, at: str) -> _Call:
     inputs, binary = _batch(x, packed)
-    return _Call("POST", "/v1/autoencoder/encode", {"inputs": inputs}, binary)
+    return _Call("POST", f"{at}/autoencoder/encode", {"inputs": inputs}, binary)
 
 
-def _vae_call(x: npt.ArrayLike, samples: int, seed: int | None, packed: bool | None) -> _Call:
+def _vae_call(x: npt.ArrayLike, samples: int, seed: int | None, packed: bool | None, at: str) -> _Call:
     inputs, binary = _batch(x, packed)
     chosen = secrets.randbelow(2**63) if seed is None else seed  # chosen here, so a retry draws the same z
-    return _Call("POST", "/v1/vae/encode", {"inputs": inputs, "samples": samples, "seed": chosen}, binary)
+    return _Call("POST", f"{at}/vae/encode", {"inputs": inputs, "samples": samples, "seed": chosen}, binary)
 
 
 def _vae_result(payload: dict[str, Any]) -> VaeResult:
@@ -128,18 +142,28 @@ class _Base:
         timeout: float = 30.0,
         retries: int = 2,
         transport: Any = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> None:
         self.retries = retries
+        self.model, self.version = model, version
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = self._open(base_url=base_url, headers=headers, timeout=timeout, transport=transport)
 
     def _open(self, **options: Any) -> Any:
         raise NotImplementedError
 
+    def _at(self, model: str | None, version: int | None) -> str:
+        """The routes of the model a call names, or else the client's."""
+        if model is None and version is None:
+            model, version = self.model, self.version
+        return prefix(model, version)
+
 
 class Client(_Base):
     """The v1 API over a pooled httpx.Client; use it as a context manager or call close().
-    Options: api_key, timeout (seconds), retries (on connection errors), transport (for tests)."""
+    Options: api_key, timeout (seconds), retries (on connection errors), transport (for tests),
+    model and version (which served model to ask; the server's default model without them)."""
 
     http: httpx.Client
 
@@ -155,18 +179,34 @@ class Client(_Base):
                 time.sleep(_retrying(attempt, self.retries))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def model_info(self) -> dict[str, Any]:
-        return self._send(_Call("GET", "/v1/model"))
+    def model_info(self, *, model: str | None = None, version: int | None = None) -> dict[str, Any]:
+        """What the model (the client's, or the default) is: dimensions, fingerprint, limits."""
+        at = self._at(model, version)
+        return self._send(_Call("GET", "/v1/model" if at == "/v1" else at))
 
-    def encode(self, x: npt.ArrayLike, *, packed: bool | None = None) -> npt.NDArray[np.float64]:
+    def models(self) -> list[dict[str, Any]]:
+        """Every model the server knows, with its versions and their states."""
+        listed: list[dict[str, Any]] = self._send(_Call("GET", "/v1/models"))["models"]
+        return listed
+
+    def encode(
+        self, x: npt.ArrayLike, *, packed: bool | None = None, model: str | None = None, version: int | None = None
+    ) -> npt.NDArray[np.float64]:
         """Autoencoder codes of rows x, shape (rows, latent_dim)."""
-        return np.asarray(self._send(_encode_call(x, packed))["codes"], dtype=np.float64)
+        return np.asarray(self._send(_encode_call(x, packed, self._at(model, version)))["codes"], dtype=np.float64)
 
     def vae(
-        self, x: npt.ArrayLike, *, samples: int = 1, seed: int | None = None, packed: bool | None = None
+        self,
+        x: npt.ArrayLike,
+        *,
+        samples: int = 1,
+        seed: int | None = None,
+        packed: bool | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> VaeResult:
         """mu, log_sigma, `samples` draws of z per row and the KL; the seed that reproduces z."""
-        return _vae_result(self._send(_vae_call(x, samples, seed, packed)))
+        return _vae_result(self._send(_vae_call(x, samples, seed, packed, self._at(model, version))))
 
     def close(self) -> None:
         self.http.close()
@@ -195,16 +235,31 @@ class AsyncClient(_Base):
                 await asyncio.sleep(_retrying(attempt, self.retries))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def model_info(self) -> dict[str, Any]:
-        return await self._send(_Call("GET", "/v1/model"))
+    async def model_info(self, *, model: str | None = None, version: int | None = None) -> dict[str, Any]:
+        at = self._at(model, version)
+        return await self._send(_Call("GET", "/v1/model" if at == "/v1" else at))
 
-    async def encode(self, x: npt.ArrayLike, *, packed: bool | None = None) -> npt.NDArray[np.float64]:
-        return np.asarray((await self._send(_encode_call(x, packed)))["codes"], dtype=np.float64)
+    async def models(self) -> list[dict[str, Any]]:
+        listed: list[dict[str, Any]] = (await self._send(_Call("GET", "/v1/models")))["models"]
+        return listed
+
+    async def encode(
+        self, x: npt.ArrayLike, *, packed: bool | None = None, model: str | None = None, version: int | None = None
+    ) -> npt.NDArray[np.float64]:
+        call = _encode_call(x, packed, self._at(model, version))
+        return np.asarray((await self._send(call))["codes"], dtype=np.float64)
 
     async def vae(
-        self, x: npt.ArrayLike, *, samples: int = 1, seed: int | None = None, packed: bool | None = None
+        self,
+        x: npt.ArrayLike,
+        *,
+        samples: int = 1,
+        seed: int | None = None,
+        packed: bool | None = None,
+        model: str | None = None,
+        version: int | None = None,
     ) -> VaeResult:
-        return _vae_result(await self._send(_vae_call(x, samples, seed, packed)))
+        return _vae_result(await self._send(_vae_call(x, samples, seed, packed, self._at(model, version))))
 
     async def aclose(self) -> None:
         await self.http.aclose()

@@ -8,6 +8,7 @@ from typing import Any
 from fastapi import FastAPI
 
 from service.api.v2.codec import InferenceRequest
+from service.api.v2.repository import ControlRequest, IndexRequest
 from service.config import Settings
 from service.core.inference import SEED_LIMIT
 from service.web.auth import OPEN, PROTECTED
@@ -112,6 +113,8 @@ def build(app: FastAPI, input_dim: int, latent_dim: int, limits: Settings, auth:
     request_schema = InferenceRequest.model_json_schema(ref_template="#/components/schemas/{model}")
     document["components"]["schemas"].update(request_schema.pop("$defs"))
     document["components"]["schemas"]["InferenceRequest"] = request_schema
+    for read_raw in (IndexRequest, ControlRequest):  # bodies read raw too (Triton's clients send empty ones)
+        document["components"]["schemas"][read_raw.__name__] = read_raw.model_json_schema()
     for example in request_schema["examples"]:
         flat = [bit for row in example_rows(input_dim) for bit in row]
         example["inputs"][0] |= {"shape": [2, input_dim], "data": flat}

@@ -137,6 +137,9 @@ class Core:
         raise CoreError(Problem.NOT_FOUND, message)
 
     def _missing(self, name: str) -> None:
+        if self.repository.known(name) and self.repository.why(name) == "unloaded":
+            message = f"model {shown(name)} is unloaded (POST /v2/repository/models/{name}/load serves it again)"
+            raise CoreError(Problem.NOT_FOUND, message)
         if self.repository.known(name):
             raise CoreError(Problem.NOT_READY, f"model {shown(name)} has no ready version: {self.repository.why(name)}")
         served = ", ".join(sorted(self.repository.serving)) or "none"

@@ -4,12 +4,14 @@ load and unload by name. Loads and unloads reach every worker before they are an
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeVar
 
+import orjson
 from fastapi import APIRouter, HTTPException, Request
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 
 from service.api.served import core_of
+from service.api.v2 import codec as oip
 from service.api.v2.codec import ErrorResponse
 from service.core.control import Control
 from service.core.inference import CoreError, Problem, shown
@@ -44,8 +46,7 @@ class ControlRequest(BaseModel):
     parameters: dict[str, Any] | None = None
 
 
-EVERYTHING = IndexRequest()  # what an empty body asks for, as Triton's clients may send
-NO_PARAMETERS = ControlRequest()
+Body = TypeVar("Body", bound=BaseModel)
 
 
 def _control(request: Request) -> Control:
@@ -55,9 +56,38 @@ def _control(request: Request) -> Control:
     return control
 
 
-@repository.post("/v2/repository/index", response_model=list[IndexEntry], responses=ERRORS, summary="Repository index")
-async def repository_index(request: Request, body: IndexRequest = EVERYTHING) -> list[dict[str, str]]:
+def _body(schema: type[BaseModel]) -> dict[str, Any]:
+    """The operation's request body for the spec: the body is read by `_read`, since Triton's
+    clients send an empty one (the spec's components gain the schema in service.api.spec)."""
+    reference = {"$ref": f"#/components/schemas/{schema.__name__}"}
+    return {"requestBody": {"required": False, "content": {"application/json": {"schema": reference}}}}
+
+
+async def _read(request: Request, schema: type[Body]) -> Body:
+    """The body as `schema`; an empty one (what Triton's clients send) as its defaults."""
+    raw = await request.body()
+    if not raw.strip():
+        return schema()
+    try:
+        return schema.model_validate(orjson.loads(raw))
+    except orjson.JSONDecodeError as exc:
+        raise oip.ProtocolError(f"invalid JSON at character {exc.pos}: {exc.msg}") from None
+    except ValidationError as exc:
+        first = exc.errors(include_url=False, include_input=False)[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise oip.ProtocolError(f"{where}: {first['msg']}" if where else first["msg"]) from None
+
+
+@repository.post(
+    "/v2/repository/index",
+    response_model=list[IndexEntry],
+    responses=ERRORS,
+    summary="Repository index",
+    openapi_extra=_body(IndexRequest),
+)
+async def repository_index(request: Request) -> list[dict[str, str]]:
     """Every model of the repository with each version's state (and, when not ready, why)."""
+    body = await _read(request, IndexRequest)
     rows: list[dict[str, str]] = core_of(request).repository.index(ready_only=body.ready)
     return rows
 
@@ -67,12 +97,14 @@ async def repository_index(request: Request, body: IndexRequest = EVERYTHING) ->
     response_model=list[IndexEntry],
     responses=ERRORS,
     summary="Load a model",
+    openapi_extra=_body(ControlRequest),
 )
-async def load_model(model_name: str, request: Request, body: ControlRequest = NO_PARAMETERS) -> list[dict[str, str]]:
+async def load_model(model_name: str, request: Request) -> list[dict[str, str]]:
     """Load the model from its directory, or load it again: new versions are served, changed files
     read again, removed versions unloaded; a version whose file is bad keeps what it served. Answered
     once every worker serves the result: the model's index entries; 400 if no version is ready."""
     core, control = core_of(request), _control(request)
+    await _read(request, ControlRequest)  # checked; nothing in it applies
     core.repository.check_explicit()
     valid_name(model_name)
     await _submit(control, "load", model_name)
@@ -89,11 +121,13 @@ async def load_model(model_name: str, request: Request, body: ControlRequest = N
     response_model=list[IndexEntry],
     responses=ERRORS,
     summary="Unload a model",
+    openapi_extra=_body(ControlRequest),
 )
-async def unload_model(model_name: str, request: Request, body: ControlRequest = NO_PARAMETERS) -> list[dict[str, str]]:
+async def unload_model(model_name: str, request: Request) -> list[dict[str, str]]:
     """Stop serving every version of the model (requests already running finish on it); it stays
     unloaded until loaded again. Answered once every worker has unloaded it."""
     core, control = core_of(request), _control(request)
+    await _read(request, ControlRequest)  # checked; nothing in it applies
     core.repository.check_explicit()
     valid_name(model_name)
     await _submit(control, "unload", model_name)
