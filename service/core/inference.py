@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
-from typing import Any
+from typing import Any, NamedTuple
 
 from service.core.metrics import Metrics
 from service.models.encoders import DECODE_LIMIT, Array, Batch, Model, ModelError
@@ -88,16 +88,26 @@ class Served:
     loaded_at: datetime
     source: dict[str, Any]  # {"source": "seed" | "file", "seed": ..., "file": ...}
     description: str = ""
-    # What a response says of who answered, as header lines (the access log reads `name`, `version`).
-    headers: tuple[tuple[bytes, bytes], ...] = field(default=())
+    # Made once, used by every request: what a response says of who answered (header lines), what
+    # the access log adds to a line (JSON, text), and the metrics' keys by kind.
+    headers: tuple[tuple[bytes, bytes], ...] = field(default=(), init=False)
+    input_dim: int = field(default=0, init=False)
+    log: tuple[bytes, bytes] = field(default=(b"", b""), init=False)
+    keys: dict[str, str] = field(default_factory=dict, init=False)
 
     def __post_init__(self) -> None:
-        answered = ((b"x-model-name", self.name.encode()), (b"x-model-version", str(self.version).encode()))
+        version = str(self.version).encode()
+        answered = ((b"x-model-name", self.name.encode()), (b"x-model-version", version))
         object.__setattr__(self, "headers", answered)
+        object.__setattr__(self, "input_dim", self.model.input_dim)
+        name = self.name.encode()  # a name is letters, digits, '_', '.' and '-': nothing to escape
+        object.__setattr__(
+            self, "log", (b',"model":"%s","version":%s' % (name, version), b" model=%s version=%s" % (name, version))
+        )
+        object.__setattr__(self, "keys", {kind: f"{self.name}|{self.version}|{kind}" for kind in (*KINDS, "")})
 
 
-@dataclass(frozen=True)
-class Encoded:
+class Encoded(NamedTuple):
     arrays: dict[str, Array]
     seed: int | None  # the seed of eps, when a sampled kind ran
 
@@ -121,6 +131,8 @@ class Core:
 
     def resolve(self, name: str | None, version: str | int | None) -> Served:
         """The named model (the default one for None) at `version`, or its highest ready version."""
+        if version is None and (latest := self.repository.latest.get(name)) is not None:
+            return latest  # type: ignore[no-any-return]
         name = DEFAULT if name is None else name
         versions = self.repository.serving.get(name)
         if not versions:
@@ -168,19 +180,41 @@ class Core:
 
     # -- compute and count
 
+    def encode_one(self, served: Served, kind: Kind, x: Batch, samples: int = 1, seed: int | None = None) -> Encoded:
+        """As `encode`, for one kind: the path of a /v1 request, kept short."""
+        rows, width = x.shape
+        limits = served.limits
+        if rows > limits.max_rows or (
+            kind.sampled and (samples > limits.max_samples or rows * samples > limits.max_rows_x_samples)
+        ):
+            self.check(served, rows, samples if kind.sampled else 1)  # raises, saying which limit
+        if width != served.input_dim:
+            self.check_width(served, width)
+        drawn = self.draw_seed(seed) if kind.sampled else None
+        arrays = kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
+        self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
+        return Encoded(arrays, drawn)
+
     def encode(
         self, served: Served, kinds: Sequence[Kind], x: Batch, samples: int = 1, seed: int | None = None
     ) -> Encoded:
         """The outputs of each kind for the 0/1 rows x, within the limits; counted."""
-        rows = x.shape[0]
+        if len(kinds) == 1:
+            return self.encode_one(served, kinds[0], x, samples, seed)
+        rows, width = x.shape
         sampled = any(kind.sampled for kind in kinds)
-        self.check(served, rows, samples if sampled else 1)
-        self.check_width(served, x.shape[1])
+        limits = served.limits
+        if rows > limits.max_rows or (
+            sampled and (samples > limits.max_samples or rows * samples > limits.max_rows_x_samples)
+        ):
+            self.check(served, rows, samples if sampled else 1)  # raises, saying which limit
+        if width != served.input_dim:
+            self.check_width(served, width)
         drawn = self.draw_seed(seed) if sampled else None
         arrays: dict[str, Array] = {}
         for kind in kinds:
             arrays |= kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
-            self.metrics.encoded(served.name, served.version, kind.name, rows, rows * samples if kind.sampled else 0)
+            self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
         return Encoded(arrays, drawn)
 
     def decode(self, served: Served, kind: Kind, h: Array) -> Array:
@@ -197,7 +231,7 @@ class Core:
         self._decoder(served, kind)
         self.check(served, x.shape[0])
         self.check_width(served, x.shape[1])
-        self.metrics.encoded(served.name, served.version, kind.name, x.shape[0])
+        self.metrics.encoded(served, kind.name, x.shape[0])
         return kind.reconstruct(served.model, x)
 
     @staticmethod

@@ -110,11 +110,13 @@ class Metrics(Counts):
         latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: a bucket counts what is <= its bound
         latency[-1] += seconds
 
-    def encoded(self, model: str, version: int, kind: str, rows: int, samples: int = 0) -> None:
-        key = f"{model}|{version}|{kind}"  # names have no "|" (service.core.repository.NAME)
+    def encoded(self, served: Any, kind: str, rows: int, samples: int = 0) -> None:
+        """Count rows a model version (a service.core.inference.Served) encoded with a kind."""
+        keys = served.keys  # "model|version|kind", made once a version: names have no "|"
+        key = keys[kind]
         self.rows[key] = self.rows.get(key, 0) + rows
         if samples:
-            key = f"{model}|{version}"
+            key = keys[""][:-1]  # "model|version"
             self.samples[key] = self.samples.get(key, 0) + samples
 
     def publish(self) -> None:

@@ -24,7 +24,7 @@ from typing import Any
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.core.inference import VERSION, CoreError, Limits, Problem, Served, shown, warm_up
+from service.core.inference import DEFAULT, VERSION, CoreError, Limits, Problem, Served, shown, warm_up
 from service.models import weights
 from service.models.encoders import Model, ModelError
 from service.models.kinds import KINDS
@@ -104,6 +104,7 @@ class Repository:
         self.root = root.resolve() if root is not None else None
         self.entries: dict[str, Entry] = {}
         self.serving: dict[str, tuple[Served, ...]] = {}
+        self.latest: dict[str | None, Served] = {}
         self.lock = asyncio.Lock()  # one load, unload or scan at a time
         if fixed is not None:
             self.entries[fixed.name] = Entry(
@@ -126,6 +127,10 @@ class Repository:
 
     def _publish(self) -> None:
         self.serving = {name: ready for name, entry in sorted(self.entries.items()) if (ready := entry.ready())}
+        # What an unversioned request resolves to, one lookup away (the default model: None).
+        self.latest = {name: ready[-1] for name, ready in self.serving.items()}
+        if DEFAULT in self.latest:
+            self.latest[None] = self.latest[DEFAULT]
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """The protocol's repository index: an entry per version (per model, when it has none)."""

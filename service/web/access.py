@@ -30,10 +30,10 @@ LINE = (
     b'{"time":"%s.%03d+00:00","level":"info","logger":"service.access","message":"request","request_id":"%s",'
     b'"method":%s,"path":%s,"status":%d,"duration_ms":%.3f,"response_bytes":%d,"client":%s%s}\n'
 )
-ANSWERED_JSON = b',"model":%s,"version":%d'  # on the lines of requests a model answered
+# Lines of requests that a model answered end with its name and version, made once a version
+# (service.core.inference.Served.log): ,"model":"digits","version":2 or model=digits version=2
 # The same, as text (ENCODER_LOG_FORMAT=text): what a client controls still goes in quotes, escaped.
 TEXT_LINE = b"%s.%03dZ INFO service.access: request_id=%s %s %s %d %.3fms %dB client=%s%s\n"
-ANSWERED_TEXT = b" model=%s version=%d"
 
 
 class RequestLog:
@@ -64,7 +64,7 @@ class RequestLog:
     ) -> None:
         self.metrics = metrics
         self.template = TEXT_LINE if text else LINE
-        self.answered = ANSWERED_TEXT if text else ANSWERED_JSON
+        self.text = int(text)  # which of a Served's two log suffixes (JSON, text) to add
         self.access_log = access_log
         self.stream = stream  # None: sys.stdout, as it is when the lines are written
         self.delay = delay
@@ -145,7 +145,7 @@ class RequestLog:
                 seconds * 1000,
                 size,
                 dumps(client[0] if client else ""),
-                b"" if answered is None else self.answered % (dumps(answered.name), answered.version),
+                b"" if answered is None else answered.log[self.text],
             )
 
 

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from service.api.served import CoreDep, ServedDep
+from service.api.served import AnsweringDep, CoreDep
 from service.api.v1.arrays import SAFETENSORS
 from service.api.v1.bits import Packed
 from service.api.v1.schemas import (
@@ -136,8 +136,8 @@ def decode_batch(inputs: Batch | Packed, served: Served, samples: int = 1) -> Ba
         rows = inputs.rows(width) if isinstance(inputs, Packed) else inputs.shape[0]
     except ValueError as exc:
         raise unprocessable(["body", "inputs", "packed"], str(exc), "packed") from None
-    Core.check(served, rows, samples)  # before a packed batch is unpacked
     if isinstance(inputs, Packed):
+        Core.check(served, rows, samples)  # before it is unpacked (the core checks rows again)
         return inputs.unpack(width)
     if inputs.shape[1] != width:
         message = f"rows have {inputs.shape[1]} values, but the model's input_dim is {width}"
@@ -154,10 +154,11 @@ def decode_batch(inputs: Batch | Packed, served: Served, samples: int = 1) -> Ba
     responses=CLIENT_ERRORS,
     summary="Autoencoder codes of binary rows",
 )
-async def encode_autoencoder(request: AutoencoderRequest, served: ServedDep, core: CoreDep) -> AutoencoderResponse:
+async def encode_autoencoder(request: AutoencoderRequest, at: AnsweringDep) -> AutoencoderResponse:
     """The deterministic bottleneck `relu(x @ W + b)` of each row: the same rows always give the same codes."""
+    core, served = at
     x = decode_batch(request.inputs, served)
-    codes = core.encode(served, (AUTOENCODER,), x).arrays["codes"]
+    codes = core.encode_one(served, AUTOENCODER, x).arrays["codes"]
     context = {"rows": x.shape[0], "latent_dim": served.model.latent_dim}
     return AutoencoderResponse.model_validate({"codes": codes}, context=context)
 
@@ -171,14 +172,15 @@ async def encode_autoencoder(request: AutoencoderRequest, served: ServedDep, cor
     responses=CLIENT_ERRORS,
     summary="VAE posterior and samples of binary rows",
 )
-async def encode_vae(request: VaeRequest, served: ServedDep, core: CoreDep) -> VaeResponse:
+async def encode_vae(request: VaeRequest, at: AnsweringDep) -> VaeResponse:
     """`mu`, `log_sigma` and `samples` draws of `z = mu + exp(log_sigma) * eps` per row, with the KL to N(0, I).
 
     `eps = numpy.random.default_rng(seed).standard_normal((rows, samples, latent_dim))`: send the
     returned `seed` back with the same rows and you get the same `z`, bit for bit, on any replica.
     """
+    core, served = at
     x = decode_batch(request.inputs, served, request.samples)
-    out = core.encode(served, (VAE,), x, request.samples, request.seed)
+    out = core.encode_one(served, VAE, x, request.samples, request.seed)
     fields = {**out.arrays, "seed": out.seed}
     context = {"rows": x.shape[0], "latent_dim": served.model.latent_dim, "samples": request.samples}
     return VaeResponse.model_validate(fields, context=context)
@@ -218,8 +220,9 @@ def _has_decoder(served: Served, kind: Kind) -> None:
     summary="Bit probabilities of autoencoder codes",
     **DECODING,
 )
-async def decode_autoencoder(request: AutoencoderDecodeRequest, served: ServedDep, core: CoreDep) -> DecodeResponse:
+async def decode_autoencoder(request: AutoencoderDecodeRequest, at: AnsweringDep) -> DecodeResponse:
     """`sigmoid(codes @ W_d + b_d)`: for each row of codes, the probability of each bit being 1."""
+    core, served = at
     _has_decoder(served, AUTOENCODER)
     return probabilities(core.decode(served, AUTOENCODER, latents(request.codes, served, "codes")))
 
@@ -227,8 +230,9 @@ async def decode_autoencoder(request: AutoencoderDecodeRequest, served: ServedDe
 @inference_route(
     "vae", "decode", VaeDecodeRequest, AnyWidthVaeDecodeRequest, summary="Bit probabilities of VAE latents", **DECODING
 )
-async def decode_vae(request: VaeDecodeRequest, served: ServedDep, core: CoreDep) -> DecodeResponse:
+async def decode_vae(request: VaeDecodeRequest, at: AnsweringDep) -> DecodeResponse:
     """`sigmoid(z @ W_d + b_d)`: for each row of z, the probability of each bit being 1."""
+    core, served = at
     _has_decoder(served, VAE)
     return probabilities(core.decode(served, VAE, latents(request.z, served, "z")))
 
@@ -241,8 +245,9 @@ async def decode_vae(request: VaeDecodeRequest, served: ServedDep, core: CoreDep
     summary="Encode and decode binary rows in one call",
     **DECODING,
 )
-async def reconstruct_autoencoder(request: AutoencoderRequest, served: ServedDep, core: CoreDep) -> DecodeResponse:
+async def reconstruct_autoencoder(request: AutoencoderRequest, at: AnsweringDep) -> DecodeResponse:
     """The bit probabilities of each row's own codes: how well the autoencoder reconstructs it."""
+    core, served = at
     _has_decoder(served, AUTOENCODER)
     return probabilities(core.reconstruct(served, AUTOENCODER, decode_batch(request.inputs, served)))
 
@@ -255,9 +260,10 @@ async def reconstruct_autoencoder(request: AutoencoderRequest, served: ServedDep
     summary="Encode binary rows with the VAE and decode their means",
     **DECODING,
 )
-async def reconstruct_vae(request: AutoencoderRequest, served: ServedDep, core: CoreDep) -> DecodeResponse:
+async def reconstruct_vae(request: AutoencoderRequest, at: AnsweringDep) -> DecodeResponse:
     """The bit probabilities of each row's posterior mean `mu`: the VAE's deterministic reconstruction
     (decode a sampled z with /v1/vae/decode for a random one)."""
+    core, served = at
     _has_decoder(served, VAE)
     return probabilities(core.reconstruct(served, VAE, decode_batch(request.inputs, served)))
 
@@ -326,9 +332,10 @@ def listing(core: Core, root: str) -> list[dict[str, Any]]:
 @router.get(
     "/v1/model", response_model=ModelInfo, responses=NOT_READY | NOT_FOUND, tags=["v1"], summary="The served model"
 )
-async def model_info(served: ServedDep, core: CoreDep) -> ModelInfo:
+async def model_info(at: AnsweringDep) -> ModelInfo:
     """Dimensions, where the weights came from, their fingerprint, parameter shapes and request limits
     of the default model (the highest ready version of `default` in a repository)."""
+    core, served = at
     return describe(served, core)
 
 
@@ -347,8 +354,9 @@ async def list_models(request: Request, core: CoreDep) -> ModelList:
     summary="One version of a model",
     openapi_extra={"parameters": [MODEL_NAME, MODEL_VERSION]},
 )
-async def version_info(served: ServedDep, core: CoreDep) -> ModelInfo:
+async def version_info(at: AnsweringDep) -> ModelInfo:
     """As GET /v1/model, for one ready version of a model."""
+    core, served = at
     return describe(served, core)
 
 
@@ -360,8 +368,9 @@ async def version_info(served: ServedDep, core: CoreDep) -> ModelInfo:
     summary="A model",
     openapi_extra={"parameters": [MODEL_NAME]},
 )
-async def named_model(served: ServedDep, core: CoreDep) -> ModelInfo:
+async def named_model(at: AnsweringDep) -> ModelInfo:
     """As GET /v1/model, for the highest ready version of a model."""
+    core, served = at
     return describe(served, core)
 
 
