@@ -11,6 +11,7 @@ version's memory is returned once its last request is done.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import re
@@ -131,6 +132,7 @@ class Repository:
         self.latest = {name: ready[-1] for name, ready in self.serving.items()}
         if DEFAULT in self.latest:
             self.latest[None] = self.latest[DEFAULT]
+        release_memory()  # of what is no longer served, once its last request ends
 
     def index(self, ready_only: bool = False) -> list[dict[str, str]]:
         """The protocol's repository index: an entry per version (per model, when it has none)."""
@@ -312,6 +314,18 @@ class Repository:
         kept = before.served
         reason = f"{problem}; still serving what was loaded at {kept.loaded_at.isoformat(timespec='seconds')}"
         return Version(number, State.READY, reason, kept, before.signature)
+
+
+def release_memory() -> None:
+    """Return the memory of unloaded weights to the system. Their arrays are freed as soon as no
+    request holds them, but glibc keeps freed blocks for reuse (the more so in the loading
+    threads' arenas): measured, unloading 50 of 100 models of 784 -> 32 returned nothing without
+    malloc_trim, and 30 MiB with it (bench/repository.py). Elsewhere than glibc, nothing to do."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def served_model(name: str, version: int, model: Model, limits: Limits, source: dict[str, Any]) -> Served:

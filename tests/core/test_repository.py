@@ -355,3 +355,18 @@ def test_repository_operations_need_the_api_key(repo: Path) -> None:
             client.post("/v2/repository/models/digits/unload", headers={"x-api-key": "s3cret-key"}).status_code == 200
         )
         assert client.post("/v1/models/digits/vae/encode", json={"inputs": ROW}).status_code == 401
+
+
+def test_unloading_frees_the_weights_once_no_request_holds_them(repo: Path) -> None:
+    import gc
+    import weakref
+
+    put(repo, "digits", 1, seed=1)
+    with serve(repo) as client:
+        core = client.app_state["core"]
+        weight = weakref.ref(core.repository.latest["digits"].model.ae_weight)
+        assert client.post("/v1/models/digits/autoencoder/encode", json={"inputs": ROW}).status_code == 200
+        client.app.request_log.flush()  # type: ignore[attr-defined]  # the access log keeps who answered until then
+        client.post("/v2/repository/models/digits/unload")
+        gc.collect()
+        assert weight() is None  # nothing else held them: their memory is the allocator's again
