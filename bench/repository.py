@@ -24,8 +24,8 @@ from pathlib import Path
 from run import ROOT, _free_port, launch
 
 sys.path.insert(0, str(ROOT))
-from service.models import weights  # noqa: E402
-from service.models.encoders import seeded  # noqa: E402
+from service.models import weights
+from service.models.encoders import seeded
 
 
 def rss_mib(pid: int) -> float:
@@ -34,7 +34,8 @@ def rss_mib(pid: int) -> float:
 
 
 def post(url: str) -> None:
-    request = urllib.request.Request(url, data=b"{}", method="POST", headers={"content-type": "application/json"})
+    headers = {"content-type": "application/json"}
+    request = urllib.request.Request(url, data=b"{}", method="POST", headers=headers)  # noqa: S310 - loopback
     with urllib.request.urlopen(request, timeout=60) as reply:  # noqa: S310 - loopback only
         reply.read()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 import signal
 import socket
@@ -24,6 +25,44 @@ from service.main import create_app
 ROOT = Path(__file__).resolve().parent.parent
 # uvicorn finishes in-flight requests on SIGTERM, then re-raises the signal: exit status -15 (143 in a shell).
 CLEAN_EXIT = (0, -signal.SIGTERM)
+
+
+# What makes a test slow: it starts real processes (servers, tools) or runs a long suite. Such tests,
+# and everything under tests/system/, are marked `slow`: `pytest -m "not slow"` is the inner loop.
+STARTS_PROCESSES = ("start_server(", "run_app(", "subprocess.", "Popen(")
+
+
+def _helpers(module: object) -> tuple[str, ...]:
+    """Calls of the module's own helpers that start processes, as tokens to look for too."""
+    found = []
+    for name, value in vars(module).items():
+        own = inspect.isfunction(value) and value.__module__ == getattr(module, "__name__", "")
+        if own and not name.startswith("test_") and any(token in _source(value) for token in STARTS_PROCESSES):
+            found.append(f"{name}(")
+    return tuple(found)
+
+
+def _source(function: object) -> str:
+    try:
+        return inspect.getsource(function)  # type: ignore[arg-type]
+    except (TypeError, OSError):  # made at run time, or built in
+        return ""
+
+
+def _starts_processes(item: pytest.Item) -> bool:
+    """Whether the test, or any fixture it uses, starts a process (read from their source)."""
+    tokens = STARTS_PROCESSES + _helpers(getattr(item, "module", None))
+    functions = [getattr(item, "function", None)]
+    info = getattr(item, "_fixtureinfo", None)  # pytest's record of the fixtures a test uses
+    if info is not None:
+        functions += [definition.func for defs in info.name2fixturedefs.values() for definition in defs]
+    return any(token in _source(function) for function in functions for token in tokens)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "system" in item.path.parts or _starts_processes(item):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from tests.conftest import ROOT, Server
 
 CONFIG = Path(__file__).with_name("schemathesis.toml")
-# CI runs a bounded pass; `FUZZ_EXAMPLES=2000 pytest tests/test_fuzz.py` is the longer run.
+# CI runs a bounded pass; `FUZZ_EXAMPLES=2000 pytest tests/system/test_fuzz.py` is the longer run.
 EXAMPLES = os.environ.get("FUZZ_EXAMPLES", "60")
 
 

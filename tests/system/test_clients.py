@@ -17,11 +17,17 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
-from kserve.protocol.infer_type import RequestedOutput
 from openapi_spec_validator import validate
 
 from tests.conftest import ROOT, Server, start_server
+
+# kserve parses the command line when it is imported, and exits on pytest's own options (-m, --co).
+_argv, sys.argv = sys.argv, sys.argv[:1]
+try:
+    from kserve import InferenceRESTClient, InferInput, InferRequest, RESTConfig
+    from kserve.protocol.infer_type import RequestedOutput
+finally:
+    sys.argv = _argv
 
 ROWS = np.array([[0, 1, 1, 0, 1], [1, 0, 0, 1, 0], [1, 1, 1, 1, 1]])
 

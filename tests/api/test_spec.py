@@ -73,8 +73,9 @@ def test_row_widths_and_limits_are_in_the_schema() -> None:
 
 def test_the_docs_screenshot_shows_the_committed_spec() -> None:
     """openapi/docs.png is a picture of /docs; beside it, the hash of the spec it shows. When the
-    spec changes, the picture is out of date: refresh both with UPDATE_SCREENSHOT=1 pytest tests/test_browser.py."""
+    spec changes, the picture is out of date: refresh both with
+    UPDATE_SCREENSHOT=1 pytest tests/system/test_browser.py."""
     recorded = (ROOT / "openapi" / "docs.png.spec-sha256").read_text().split()[0]
     assert recorded == hashlib.sha256(COMMITTED.read_bytes()).hexdigest(), (
-        "openapi/docs.png shows an older spec: UPDATE_SCREENSHOT=1 pytest tests/test_browser.py"
+        "openapi/docs.png shows an older spec: UPDATE_SCREENSHOT=1 pytest tests/system/test_browser.py"
     )

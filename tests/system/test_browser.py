@@ -22,7 +22,7 @@ from tests.conftest import ROOT, Server
 
 CHROMIUM = Path("/usr/bin/chromium")
 SCREENSHOT = ROOT / "openapi" / "docs.png"
-SCREENSHOT_SPEC = ROOT / "openapi" / "docs.png.spec-sha256"  # the spec the screenshot shows (tests/test_spec.py)
+SCREENSHOT_SPEC = ROOT / "openapi" / "docs.png.spec-sha256"  # the spec the screenshot shows (tests/api/test_spec.py)
 # Chromium, as root and on a closed network: no sandbox, and none of its own background traffic.
 FLAGS = [
     "--no-sandbox",

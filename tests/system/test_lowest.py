@@ -21,20 +21,22 @@ from tests.conftest import ROOT
 
 UV = Path(sys.executable).parent / "uv"
 SERVER_TESTS = [
-    "tests/test_server.py",
-    "tests/test_drain.py",
-    "tests/test_internals.py",
-    "tests/test_http.py",
-    "tests/test_routes.py",
-    "tests/test_v2.py",
+    "tests/server/test_protocol.py",
+    "tests/server/test_drain.py",
+    "tests/server/test_internals.py",
+    "tests/web/test_http.py",
+    "tests/api/test_routes.py",
+    "tests/api/test_v2.py",
     "tests/test_main.py",
-    "tests/test_proxy.py",
-    "tests/test_faults.py",
-    "tests/test_observe.py",
-    "tests/test_logging.py",
-    "tests/test_workers.py",
-    "tests/test_docs.py",
-    "tests/test_auth.py",
+    "tests/web/test_proxy.py",
+    "tests/server/test_faults.py",
+    "tests/web/test_observe.py",
+    "tests/server/test_logging.py",
+    "tests/server/test_workers.py",
+    "tests/api/test_docs.py",
+    "tests/web/test_auth.py",
+    "tests/core/test_repository.py",
+    "tests/core/test_hot_swap.py",
 ]
 # What the server tests need besides the service, at versions the lowest runtime ones allow.
 TEST_TOOLS = ["pytest", "hypothesis", "python-mimeparse", "tritonclient[http]"]

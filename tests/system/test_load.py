@@ -1,7 +1,7 @@
 """Load and soak: hundreds of concurrent connections on a mixed workload, against 127.0.0.1 only.
 
 CI runs a short pass. The full run holds 300 connections for a minute:
-    LOAD_SECONDS=60 LOAD_CONNECTIONS=300 pytest -s tests/test_load.py
+    LOAD_SECONDS=60 LOAD_CONNECTIONS=300 pytest -s tests/system/test_load.py
 """
 
 from __future__ import annotations
