@@ -85,8 +85,9 @@ class Settings(BaseSettings):
 
     metrics_dir: Path | None = None
     """A directory all worker processes of one server share, where each keeps its counts so that
-    /metrics counts every worker. `encoding-service serve` makes one when ENCODER_WORKERS > 1; set
-    it for another multi-process server, emptied at its start."""
+    /metrics counts every worker, and through which a model repository's loads and unloads reach
+    every worker. `encoding-service serve` makes one when ENCODER_WORKERS > 1; set it for another
+    multi-process server, emptied at its start."""
 
     access_log: bool = True
     """One line per request on stdout (ENCODER_LOG_FORMAT): request id, method, path, status,

@@ -3,6 +3,7 @@ order, and the README's settings table is the one the settings make."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shlex
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from service.config import settings_table
-from tests.conftest import ROOT, Server
+from tests.conftest import ROOT, Server, free_port, server_env
 
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 # Where examples run: a page, and the section of it (None: all of it).
@@ -85,3 +86,34 @@ def test_the_readme_stays_a_landing_page() -> None:
     assert len(lines) <= 250, f"README.md has {len(lines)} lines: move details into docs/"
     for link in re.findall(r"\]\(((?:docs|openapi|deploy)/[^)#]+)", "\n".join(lines)):
         assert (ROOT / link).exists(), link
+
+
+def test_the_repository_walkthrough_runs_as_a_reader_pastes_it(tmp_path: Path) -> None:
+    (script,) = [code for kind, code in blocks("docs/models.md", "Walkthrough: two models, then a third version")]
+    port = str(free_port())
+    env = server_env() | {"ENCODER_PORT": port}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    script = script.replace("localhost:8000", f"localhost:{port}")
+    result = subprocess.run(
+        ["bash", "-eu", "-o", "pipefail", "-c", script],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "server.log").read_text()
+    wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote models/")]
+    assert [line.split()[1] for line in wrote] == [
+        f"models/{name}/{version}/model.safetensors"
+        for name, version in (("fingerprints", 1), ("attributes", 1), ("fingerprints", 2))
+    ]
+    lines = [line for line in result.stdout.splitlines() if not line.startswith("wrote ")]
+    assert lines[0] == "[('attributes', [1]), ('fingerprints', [1])]"
+    assert lines[1].strip().lower() == "x-model-version: 1"
+    assert [row["version"] for row in json.loads(lines[2])] == ["1", "2"]
+    assert lines[3].strip().lower() == "x-model-version: 2"
+    assert sorted(p.name for p in (tmp_path / "models" / "fingerprints" / "2").iterdir()) == [
+        "model.safetensors",
+        "report.json",
+    ]
