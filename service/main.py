@@ -30,7 +30,7 @@ from service.api.v2 import codec as oip
 from service.api.v2.repository import repository
 from service.api.v2.routes import protocol_error_handler, v2
 from service.config import Settings, describe
-from service.core.control import Action, Control
+from service.core.control import Action, Control, every
 from service.core.inference import DEFAULT, Core, CoreError, Limits, Served, warm_up
 from service.core.metrics import Metrics
 from service.core.repository import Repository, served_model
@@ -221,7 +221,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         await control.catch_up()  # what the other workers were told before this one started
         tasks = [asyncio.create_task(control.run())] if shared is not None else []
         if settings.model_repository is not None and settings.repository_poll is not None:
-            tasks.append(asyncio.create_task(poll(repository, settings.repository_poll)))
+            poll = every(settings.repository_poll, repository.scan, "the scan failed")
+            tasks.append(asyncio.create_task(poll))
         input_dim, latent_dim = spec_widths(settings, repository)
         app.openapi_schema = spec.build(app, input_dim, latent_dim, settings, auth=keys is not None)
         try:
@@ -276,16 +277,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(oip.ProtocolError, protocol_error_handler)
     app.add_exception_handler(CoreError, core_error_handler)
     return app
-
-
-async def poll(repository: Repository, seconds: float) -> None:
-    """Serve what the repository holds every `seconds` (ENCODER_REPOSITORY_POLL)."""
-    while True:
-        await asyncio.sleep(seconds)
-        try:
-            await repository.scan()
-        except Exception:  # a directory that cannot be read now may be readable at the next poll
-            logger.exception("repository: the scan failed")
 
 
 def cors(settings: Settings) -> list[Middleware]:

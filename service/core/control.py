@@ -21,6 +21,8 @@ from pathlib import Path
 
 import orjson
 
+from service.core.metrics import alive
+
 logger = logging.getLogger("service.repository")
 
 ACTIONS = "repository-actions.json"
@@ -68,13 +70,7 @@ class Control:
 
     async def run(self) -> None:
         """Catch up every TICK seconds, for as long as the worker serves."""
-        while True:
-            await asyncio.sleep(TICK)
-            try:
-                await self.catch_up()
-            except Exception:  # a bad file must not end the loop that keeps the workers in step
-                logger.exception("repository: cannot read the workers' shared actions")
-                await asyncio.sleep(1)
+        await every(TICK, self.catch_up, "cannot read the workers' shared actions")
 
     # -- the files (in a worker thread)
 
@@ -116,16 +112,17 @@ class Control:
         for path in self.shared.glob(ACK.format(pid="*")):
             pid = int(path.stem.rsplit("-", 1)[1])
             with contextlib.suppress(FileNotFoundError, ValueError, orjson.JSONDecodeError):
-                if orjson.loads(path.read_bytes()) < count and _alive(pid):
+                if orjson.loads(path.read_bytes()) < count and alive(pid):
                     return False
         return True
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+async def every(seconds: float, action: Callable[[], Awaitable[None]], failure: str) -> None:
+    """Run `action` every `seconds` until cancelled; a failure is logged and the loop goes on (a
+    file or directory that cannot be read now may be readable the next time)."""
+    while True:
+        await asyncio.sleep(seconds)
+        try:
+            await action()
+        except Exception:
+            logger.exception("repository: %s", failure)

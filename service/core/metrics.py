@@ -142,7 +142,7 @@ class Metrics(Counts):
                 data = orjson.loads(path.read_bytes())
             except (OSError, orjson.JSONDecodeError):
                 continue
-            totals.add(data, live=_alive(data["pid"]))
+            totals.add(data, live=alive(data["pid"]))
         return totals
 
     def collect(self) -> Iterator[Metric]:
@@ -192,7 +192,8 @@ class Metrics(Counts):
         yield info
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Whether a process of this id is running (a worker that wrote a file here)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
