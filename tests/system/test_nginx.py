@@ -198,7 +198,7 @@ def test_docs_and_client_addresses_behind_nginx(proxy: Proxy) -> None:
 def test_the_docs_work_in_a_browser_under_the_prefix(proxy: Proxy) -> None:
     """Swagger UI at /api/docs through nginx loads the spec and its assets from under /api, and
     "Try it out" reaches the service through the prefix (the spec names /api as its server)."""
-    from tests.test_browser import CHROMIUM, FLAGS, _try_it_out
+    from tests.system.test_browser import CHROMIUM, FLAGS, _try_it_out
 
     if not CHROMIUM.exists():
         if os.environ.get("CI") == "true":
