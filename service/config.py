@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     api_keys_file: Path | None = None
     """A file of API keys, one a line, read again when it changes: rotate keys without a restart."""
 
+    admin_api_key: SecretStr | None = None
+    """The key that loading and unloading models takes (POST /v2/repository/models/{name}/load,
+    /unload), and no other key may; valid on every route. Unset: any API key may (any client, when
+    the API is open)."""
+
     docs_public: bool = True
     """Whether /docs, /redoc and /openapi.json stay open when API keys are required."""
 
@@ -117,6 +122,11 @@ class Settings(BaseSettings):
 
     @property
     def auth_required(self) -> bool:
+        return self.api_key is not None or self.api_keys_file is not None or self.admin_api_key is not None
+
+    @property
+    def api_keys_required(self) -> bool:
+        """Whether the API (not only loading and unloading models) needs a key."""
         return self.api_key is not None or self.api_keys_file is not None
 
 

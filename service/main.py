@@ -60,9 +60,15 @@ class State(TypedDict):
     settings: Settings  # what the server's protocol reads its deadlines from
 
 
+def key_options(settings: Settings) -> dict[str, Any]:
+    """RequireKey's options: whether the docs stay open, the admin key, whether the API is open."""
+    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key is not None else None
+    return {"docs_public": settings.docs_public, "admin": admin, "open_api": not settings.api_keys_required}
+
+
 def load_keys(settings: Settings) -> Keys | None:
     """The API keys the settings ask for, or None when the API is open."""
-    if not settings.auth_required:
+    if not settings.api_keys_required:
         return None
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     try:
@@ -224,7 +230,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             poll = every(settings.repository_poll, repository.scan, "the scan failed")
             tasks.append(asyncio.create_task(poll))
         input_dim, latent_dim = spec_widths(settings, repository)
-        app.openapi_schema = spec.build(app, input_dim, latent_dim, settings, auth=keys is not None)
+        app.openapi_schema = spec.build(
+            app, input_dim, latent_dim, settings, auth=keys is not None, admin_only=settings.admin_api_key is not None
+        )
         try:
             yield {"core": core, "control": control, "keys": keys, "settings": settings}
         finally:
@@ -252,7 +260,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             *([Middleware(RootPath, root_path=settings.root_path)] if settings.root_path else []),
             Middleware(Observe, metrics=metrics, log=request_log),
             *cors(settings),
-            *([Middleware(RequireKey, docs_public=settings.docs_public)] if settings.auth_required else []),
+            *([Middleware(RequireKey, **key_options(settings))] if settings.auth_required else []),
             Middleware(BodyLimit, limit=settings.max_body_bytes),
         ],
         title="encoding-service",

@@ -11,7 +11,7 @@ from service.api.v2.codec import InferenceRequest
 from service.api.v2.repository import ControlRequest, IndexRequest
 from service.config import Settings
 from service.core.inference import SEED_LIMIT
-from service.web.auth import OPEN, PROTECTED
+from service.web.auth import ADMIN, OPEN, PROTECTED
 from service.web.errors import is_v2
 
 DESCRIPTION = """\
@@ -87,13 +87,13 @@ def base64_rows(per_row: int, max_rows: int) -> dict[str, Any]:
     return {"pattern": pattern, "minLength": 4, "maxLength": 4 * math.ceil(max_rows * per_row / 3)}
 
 
-def _require_keys(document: dict[str, Any]) -> None:
+def _require_keys(document: dict[str, Any], prefixes: tuple[str, ...] = PROTECTED) -> None:
     document["components"]["securitySchemes"] = {
         "bearer": {"type": "http", "scheme": "bearer", "description": "Authorization: Bearer <API key>"},
         "apiKey": {"type": "apiKey", "in": "header", "name": "X-API-Key", "description": "X-API-Key: <API key>"},
     }
     for path, operations in document["paths"].items():
-        if path.startswith(PROTECTED) and not path.startswith(OPEN):  # what RequireKey guards
+        if path.startswith(prefixes) and not path.startswith(OPEN):  # what RequireKey guards
             schema = "ErrorResponse" if is_v2(path) else "Problem"  # each API's own error shape
             for operation in operations.values():
                 operation["security"] = [{"bearer": []}, {"apiKey": []}]
@@ -103,7 +103,9 @@ def _require_keys(document: dict[str, Any]) -> None:
                 }
 
 
-def build(app: FastAPI, input_dim: int, latent_dim: int, limits: Settings, auth: bool = False) -> dict[str, Any]:
+def build(
+    app: FastAPI, input_dim: int, latent_dim: int, limits: Settings, auth: bool = False, admin_only: bool = False
+) -> dict[str, Any]:
     """The app's OpenAPI document with the default model's widths on its routes, the limits and
     fitting examples, and, when API keys are required, their security schemes, so that "Authorize"
     works in /docs. The per-model routes take rows of any width: each model has its own."""
@@ -120,6 +122,8 @@ def build(app: FastAPI, input_dim: int, latent_dim: int, limits: Settings, auth:
         example["inputs"][0] |= {"shape": [2, input_dim], "data": flat}
     if auth:
         _require_keys(document)
+    elif admin_only:  # only an admin key: the API is open, loading and unloading are not
+        _require_keys(document, (ADMIN,))
     schemas = document["components"]["schemas"]
     # FastAPI documents a 422 wherever a route has parameters; /v2's path parameters are plain
     # strings that cannot fail, and every /v2 error is the protocol's {"error": ...}.

@@ -15,6 +15,7 @@ from service.web.paths import route_path
 
 PROTECTED = ("/v1/", "/v2")
 OPEN = ("/v2/health/",)  # the protocol's own probes stay open, as /healthz and /readyz do
+ADMIN = "/v2/repository/models/"  # load and unload: with an admin key, only it may call them
 DOCS = ("/docs", "/redoc", "/openapi.json", "/docs-assets/")
 
 
@@ -58,40 +59,49 @@ class Keys:
 
 class RequireKey:
     """401 with WWW-Authenticate for the API's routes without a valid key; probes, metrics and,
-    unless `docs_public` is off, the docs stay open. Keys are never logged or echoed."""
+    unless `docs_public` is off, the docs stay open. With an admin key (ENCODER_ADMIN_API_KEY),
+    loading and unloading models takes that key alone (403 for another valid key), and it is
+    valid everywhere else too; with only an admin key, the rest of the API stays open. Keys are
+    never logged or echoed."""
 
-    def __init__(self, app: ASGIApp, docs_public: bool) -> None:
+    def __init__(self, app: ASGIApp, docs_public: bool, admin: str | None = None, open_api: bool = False) -> None:
         self.app = app
         self.prefixes = PROTECTED if docs_public else PROTECTED + DOCS
+        self.admin = admin.encode() if admin else None
+        self.open_api = open_api  # no API keys but the admin key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if "path" in scope else ""
-        if (
-            scope["type"] != "http"
-            or scope["method"] == "OPTIONS"
-            or not path.startswith(self.prefixes)
-            or path.startswith(OPEN)
-        ):
+        if scope["type"] != "http" or scope["method"] == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        administers = self.admin is not None and path.startswith(ADMIN)
+        if not administers and (self.open_api or not path.startswith(self.prefixes) or path.startswith(OPEN)):
             await self.app(scope, receive, send)
             return
         keys: Keys | None = scope.get("state", {}).get("keys")  # read at startup, by the lifespan
         presented = _presented_key(scope)
-        if presented is not None and keys is not None and keys.accepts(presented):
+        is_admin = presented is not None and self.admin is not None and hmac.compare_digest(self.admin, presented)
+        valid = is_admin or (presented is not None and keys is not None and keys.accepts(presented))
+        if valid and (is_admin or not administers):
             await self.app(scope, receive, send)
+            return
+        if valid:  # a valid key, but not the one that may change what is served
+            detail = "this API key may not load or unload models: that takes the admin key (ENCODER_ADMIN_API_KEY)"
+            await _refuse(send, 403, [], problem(path, detail))
             return
         detail = "a valid API key is required: send Authorization: Bearer <key> (or X-API-Key: <key>)"
         challenge = b'Bearer realm="encoding-service"'
         if presented is not None:
             detail = "the API key is not valid"
             challenge += b', error="invalid_token"'
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 401,
-                "headers": [(b"content-type", b"application/json"), (b"www-authenticate", challenge)],
-            }
-        )
-        await send({"type": "http.response.body", "body": problem(path, detail)})
+        await _refuse(send, 401, [(b"www-authenticate", challenge)], problem(path, detail))
+
+
+async def _refuse(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    headers = [(b"content-type", b"application/json"), *headers]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
 
 
 def _presented_key(scope: Scope) -> bytes | None:

@@ -370,3 +370,26 @@ def test_unloading_frees_the_weights_once_no_request_holds_them(repo: Path) -> N
         client.post("/v2/repository/models/digits/unload")
         gc.collect()
         assert weight() is None  # nothing else held them: their memory is the allocator's again
+
+
+@pytest.mark.parametrize("api_key", ["s3cret-key", None])
+def test_an_admin_key_alone_loads_and_unloads(repo: Path, api_key: str | None) -> None:
+    put(repo, "digits", 1, seed=1)
+    admin = {"authorization": "Bearer admin-key-0123"}
+    user = {"x-api-key": "s3cret-key"} if api_key else {}
+    with serve(repo, api_key=api_key, admin_api_key="admin-key-0123") as client:
+        for verb in ("unload", "load"):
+            path = f"/v2/repository/models/digits/{verb}"
+            assert client.post(path).status_code == 401
+            if api_key:
+                refused = client.post(path, headers=user)
+                assert refused.status_code == 403
+                assert "admin key (ENCODER_ADMIN_API_KEY)" in refused.json()["error"]
+            assert client.post(path, headers=admin).status_code == 200
+        assert client.post("/v2/repository/index", headers=user).status_code == 200
+        assert client.post("/v2/repository/index", headers=admin).status_code == 200
+        encode = client.post("/v1/models/digits/vae/encode", json={"inputs": ROW}, headers=user)
+        assert encode.status_code == 200  # open without API keys; with them, the user's key works
+        spec = client.get("/openapi.json").json()["paths"]
+        assert "security" in spec["/v2/repository/models/{model_name}/load"]["post"]
+        assert ("security" in spec["/v1/models/{model_name}/vae/encode"]["post"]) == bool(api_key)

@@ -20,6 +20,7 @@ from service.core.repository import valid_name
 repository = APIRouter(tags=["repository"])
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "Not a model name, no repository, or no version could be loaded."},
+    403: {"model": ErrorResponse, "description": "A valid key, but not the admin key (ENCODER_ADMIN_API_KEY)."},
     404: {"model": ErrorResponse, "description": "No such model in the repository."},
     503: {"model": ErrorResponse, "description": "Not loaded yet, or a worker did not apply the change in time."},
 }
