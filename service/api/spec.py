@@ -34,11 +34,21 @@ they came from.
 
 TAGS = [
     {"name": "v1", "description": "Encode binary rows, and describe the served model."},
+    {
+        "name": "models",
+        "description": "Every /v1 route for a model of the repository, by name (its highest ready version) "
+        "and by version; what is served.",
+    },
     {"name": "health", "description": "Liveness and readiness probes for load balancers and Kubernetes."},
     {
         "name": "v2",
         "description": "The Open Inference Protocol (KServe v2), with Triton's binary tensor data extension: "
         "the same models and numbers as /v1, for KServe, Triton's clients and Seldon.",
+    },
+    {
+        "name": "repository",
+        "description": "The protocol's model repository extension, as Triton answers it: what is served, "
+        "and loading and unloading models while serving.",
     },
 ]
 
