@@ -109,7 +109,8 @@ def default_model(settings: Settings) -> Served:
         warm_up(model)
     except ModelError as exc:
         raise StartupError(str(exc)) from None
-    return served_model(DEFAULT, 1, model, server_limits(settings), source)
+    # One model, whatever happens: its answers are as they were before models had names (no headers).
+    return served_model(DEFAULT, 1, model, server_limits(settings), source, announced=False)
 
 
 async def open_repository(settings: Settings) -> Repository:

@@ -88,6 +88,10 @@ class Served:
     loaded_at: datetime
     source: dict[str, Any]  # {"source": "seed" | "file", "seed": ..., "file": ...}
     description: str = ""
+    # Whether responses say who answered (x-model-name, x-model-version): with a model repository,
+    # where what answers can change; not for the one model served without (its answers are as
+    # they were before models had names, and two header lines cost a one-row request 2-3%).
+    announced: bool = True
     # Made once, used by every request: what a response says of who answered (header lines), what
     # the access log adds to a line (JSON, text), and the metrics' keys by kind.
     headers: tuple[tuple[bytes, bytes], ...] = field(default=(), init=False)
@@ -98,7 +102,7 @@ class Served:
     def __post_init__(self) -> None:
         version = str(self.version).encode()
         answered = ((b"x-model-name", self.name.encode()), (b"x-model-version", version))
-        object.__setattr__(self, "headers", answered)
+        object.__setattr__(self, "headers", answered if self.announced else ())
         object.__setattr__(self, "input_dim", self.model.input_dim)
         name = self.name.encode()  # a name is letters, digits, '_', '.' and '-': nothing to escape
         object.__setattr__(

@@ -328,7 +328,9 @@ def release_memory() -> None:
         pass
 
 
-def served_model(name: str, version: int, model: Model, limits: Limits, source: dict[str, Any]) -> Served:
+def served_model(
+    name: str, version: int, model: Model, limits: Limits, source: dict[str, Any], announced: bool = True
+) -> Served:
     return Served(
         name=name,
         version=version,
@@ -337,4 +339,5 @@ def served_model(name: str, version: int, model: Model, limits: Limits, source: 
         fingerprint=model.fingerprint(),
         loaded_at=datetime.now(UTC),
         source=source,
+        announced=announced,
     )

@@ -100,7 +100,7 @@ class LeanRoute(APIRoute):
             content = result.render(media_type)
             headers = [(b"content-type", media_type), (b"content-length", str(len(content)).encode())]
             answered = scope.get(ANSWERED)  # who answered, when a dependency resolved a model
-            if answered is not None:
+            if answered is not None and answered.headers:
                 headers.extend(answered.headers)
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": content})

@@ -280,6 +280,8 @@ def test_without_a_repository_nothing_changes(client: TestClient) -> None:
         for path in ("/v1/autoencoder/encode", "/v1/models/default/autoencoder/encode")
     ]
     assert same[0] == same[1]
+    answer = client.post("/v1/autoencoder/encode", json={"inputs": ROW})
+    assert "x-model-name" not in answer.headers  # one model: answers as they were before models had names
     refused = client.post("/v2/repository/models/default/load")
     assert (refused.status_code, "ENCODER_MODEL_REPOSITORY" in refused.json()["error"]) == (400, True)
 
