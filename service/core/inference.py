@@ -186,14 +186,7 @@ class Core:
 
     def encode_one(self, served: Served, kind: Kind, x: Batch, samples: int = 1, seed: int | None = None) -> Encoded:
         """As `encode`, for one kind: the path of a /v1 request, kept short."""
-        rows, width = x.shape
-        limits = served.limits
-        if rows > limits.max_rows or (
-            kind.sampled and (samples > limits.max_samples or rows * samples > limits.max_rows_x_samples)
-        ):
-            self.check(served, rows, samples if kind.sampled else 1)  # raises, saying which limit
-        if width != served.input_dim:
-            self.check_width(served, width)
+        rows = self._admit(served, x, kind.sampled, samples)
         drawn = self.draw_seed(seed) if kind.sampled else None
         arrays = kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
         self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
@@ -205,15 +198,8 @@ class Core:
         """The outputs of each kind for the 0/1 rows x, within the limits; counted."""
         if len(kinds) == 1:
             return self.encode_one(served, kinds[0], x, samples, seed)
-        rows, width = x.shape
         sampled = any(kind.sampled for kind in kinds)
-        limits = served.limits
-        if rows > limits.max_rows or (
-            sampled and (samples > limits.max_samples or rows * samples > limits.max_rows_x_samples)
-        ):
-            self.check(served, rows, samples if sampled else 1)  # raises, saying which limit
-        if width != served.input_dim:
-            self.check_width(served, width)
+        rows = self._admit(served, x, sampled, samples)
         drawn = self.draw_seed(seed) if sampled else None
         arrays: dict[str, Array] = {}
         for kind in kinds:
@@ -221,9 +207,22 @@ class Core:
             self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
         return Encoded(arrays, drawn)
 
+    def _admit(self, served: Served, x: Batch, sampled: bool, samples: int) -> int:
+        """The rows of a batch to encode, if it is within the limits and as wide as the model's input.
+        The limits are compared inline first: the message is made only for a batch over one."""
+        rows, width = x.shape
+        limits = served.limits
+        if rows > limits.max_rows or (
+            sampled and (samples > limits.max_samples or rows * samples > limits.max_rows_x_samples)
+        ):
+            self.check(served, rows, samples if sampled else 1)  # raises, saying which limit
+        if width != served.input_dim:
+            self.check_width(served, width)
+        return int(rows)
+
     def decode(self, served: Served, kind: Kind, h: Array) -> Array:
         """Bit probabilities of codes (or z) h within +-DECODE_LIMIT, by the kind's decoder."""
-        self._decoder(served, kind)
+        self.require_decoder(served, kind)
         self.check(served, h.shape[0])
         self.check_width(served, h.shape[1], latent=True)
         if h.size and float(abs(h).max()) > DECODE_LIMIT:  # the schemas refuse these first
@@ -232,14 +231,15 @@ class Core:
 
     def reconstruct(self, served: Served, kind: Kind, x: Batch) -> Array:
         """Bit probabilities of each row's own deterministic code (the VAE's: mu)."""
-        self._decoder(served, kind)
+        self.require_decoder(served, kind)
         self.check(served, x.shape[0])
         self.check_width(served, x.shape[1])
         self.metrics.encoded(served, kind.name, x.shape[0])
         return kind.reconstruct(served.model, x)
 
     @staticmethod
-    def _decoder(served: Served, kind: Kind) -> None:
+    def require_decoder(served: Served, kind: Kind) -> None:
+        """NO_DECODER unless the served weights have the kind's decoder."""
         if not kind.has_decoder(served.model):
             message = "the served weights have no decoder; train some with: encoding-service train"
             raise CoreError(Problem.NO_DECODER, message)

@@ -40,9 +40,8 @@ from service.api.v1.schemas import (
     ValidationProblem,
 )
 from service.core.inference import Core, CoreError, Served
-from service.core.inference import Problem as Mistake
 from service.models.encoders import Array, Batch
-from service.models.kinds import AUTOENCODER, VAE, Kind
+from service.models.kinds import AUTOENCODER, VAE
 from service.server.flags import DRAINING
 from service.web.errors import unprocessable
 from service.web.lean import LeanRoute
@@ -140,9 +139,16 @@ def decode_batch(inputs: Batch | Packed, served: Served, samples: int = 1) -> Ba
         Core.check(served, rows, samples)  # before it is unpacked (the core checks rows again)
         return inputs.unpack(width)
     if inputs.shape[1] != width:
-        message = f"rows have {inputs.shape[1]} values, but the model's input_dim is {width}"
-        raise unprocessable(["body", "inputs", 0], message)
+        _check_width(served, inputs.shape[1], "inputs")
     return inputs
+
+
+def _check_width(served: Served, width: int, field: str, latent: bool = False) -> None:
+    """The core's width check, its BAD_INPUT said as /v1's 422 at the field's first row."""
+    try:
+        Core.check_width(served, width, latent)
+    except CoreError as exc:
+        raise unprocessable(["body", field, *exc.where], str(exc)) from None
 
 
 @inference_route(
@@ -195,21 +201,12 @@ DECODING: dict[str, Any] = {"response_model": DecodeResponse, "responses": CLIEN
 def latents(h: Array, served: Served, field: str) -> Array:
     """Validated codes or z, checked against the limits and the model's latent width."""
     Core.check(served, h.shape[0])
-    if h.shape[1] != served.model.latent_dim:
-        message = f"rows have {h.shape[1]} values, but the model's latent_dim is {served.model.latent_dim}"
-        raise unprocessable(["body", field, 0], message)
+    _check_width(served, h.shape[1], field, latent=True)
     return h
 
 
 def probabilities(array: Array) -> DecodeResponse:
     return DecodeResponse.model_validate({"probabilities": array}, context={"rows": array.shape[0]})
-
-
-def _has_decoder(served: Served, kind: Kind) -> None:
-    if not kind.has_decoder(served.model):  # before the body's width is checked, as before
-        raise CoreError(
-            Mistake.NO_DECODER, "the served weights have no decoder; train some with: encoding-service train"
-        )
 
 
 @inference_route(
@@ -223,7 +220,7 @@ def _has_decoder(served: Served, kind: Kind) -> None:
 async def decode_autoencoder(request: AutoencoderDecodeRequest, at: AnsweringDep) -> DecodeResponse:
     """`sigmoid(codes @ W_d + b_d)`: for each row of codes, the probability of each bit being 1."""
     core, served = at
-    _has_decoder(served, AUTOENCODER)
+    core.require_decoder(served, AUTOENCODER)
     return probabilities(core.decode(served, AUTOENCODER, latents(request.codes, served, "codes")))
 
 
@@ -233,7 +230,7 @@ async def decode_autoencoder(request: AutoencoderDecodeRequest, at: AnsweringDep
 async def decode_vae(request: VaeDecodeRequest, at: AnsweringDep) -> DecodeResponse:
     """`sigmoid(z @ W_d + b_d)`: for each row of z, the probability of each bit being 1."""
     core, served = at
-    _has_decoder(served, VAE)
+    core.require_decoder(served, VAE)
     return probabilities(core.decode(served, VAE, latents(request.z, served, "z")))
 
 
@@ -248,7 +245,7 @@ async def decode_vae(request: VaeDecodeRequest, at: AnsweringDep) -> DecodeRespo
 async def reconstruct_autoencoder(request: AutoencoderRequest, at: AnsweringDep) -> DecodeResponse:
     """The bit probabilities of each row's own codes: how well the autoencoder reconstructs it."""
     core, served = at
-    _has_decoder(served, AUTOENCODER)
+    core.require_decoder(served, AUTOENCODER)
     return probabilities(core.reconstruct(served, AUTOENCODER, decode_batch(request.inputs, served)))
 
 
@@ -264,7 +261,7 @@ async def reconstruct_vae(request: AutoencoderRequest, at: AnsweringDep) -> Deco
     """The bit probabilities of each row's posterior mean `mu`: the VAE's deterministic reconstruction
     (decode a sampled z with /v1/vae/decode for a random one)."""
     core, served = at
-    _has_decoder(served, VAE)
+    core.require_decoder(served, VAE)
     return probabilities(core.reconstruct(served, VAE, decode_batch(request.inputs, served)))
 
 
