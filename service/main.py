@@ -27,7 +27,7 @@ from service.api.docs import add_docs
 from service.api.served import core_error_handler
 from service.api.v1.routes import encoders, router
 from service.api.v2 import codec as oip
-from service.api.v2.repository import repository
+from service.api.v2.repository import repository as repository_routes
 from service.api.v2.routes import protocol_error_handler, v2
 from service.config import Settings, describe
 from service.core.control import Action, Control, every
@@ -140,9 +140,9 @@ def model_labels(served: Served) -> dict[str, str]:
 def spec_widths(settings: Settings, repository: Repository) -> tuple[int, int]:
     """The widths the spec documents for the default model's routes: the default model's, or the
     settings' when a repository has no model named `default`."""
-    default = repository.serving.get(DEFAULT)
-    if default:
-        return default[-1].model.input_dim, default[-1].model.latent_dim
+    default = repository.latest.get(DEFAULT)
+    if default is not None:
+        return default.model.input_dim, default.model.latent_dim
     return settings.input_dim, settings.latent_dim
 
 
@@ -242,7 +242,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.request_log.flush()
 
     configure_logging(settings.log_level, settings.log_format)
-    routers = [encoders, router, v2, repository]
+    routers = [encoders, router, v2, repository_routes]
     paths = {getattr(route, "path", "") for each in routers for route in each.routes}
     paths |= {"/docs", "/redoc", "/openapi.json"}
     metrics = Metrics(routes=paths, shared=settings.metrics_dir)

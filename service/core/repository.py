@@ -67,10 +67,14 @@ class ModelConfig(BaseModel):
 @dataclass(frozen=True)
 class Version:
     number: int
-    state: State
     reason: str = ""
     served: Served | None = None  # what answers for this version (kept when a reload fails)
     signature: tuple[int, int, int, int] | None = None  # (device, inode, size, mtime) of the file served
+
+    @property
+    def state(self) -> State:
+        """READY while something answers for it (a reload that failed keeps what it served)."""
+        return State.UNAVAILABLE if self.served is None else State.READY
 
 
 @dataclass(frozen=True)
@@ -108,9 +112,7 @@ class Repository:
         self.latest: dict[str | None, Served] = {}
         self.lock = asyncio.Lock()  # one load, unload or scan at a time
         if fixed is not None:
-            self.entries[fixed.name] = Entry(
-                fixed.name, {fixed.version: Version(fixed.version, State.READY, "", fixed)}
-            )
+            self.entries[fixed.name] = Entry(fixed.name, {fixed.version: Version(fixed.version, "", fixed)})
             self._publish()
 
     @property
@@ -141,11 +143,11 @@ class Repository:
             if not entry.versions and not ready_only:
                 rows.append({"name": name, "version": "", "state": State.UNAVAILABLE.value, "reason": entry.reason})
             for number, version in sorted(entry.versions.items()):
-                ready = version.served is not None
-                if ready_only and not ready:
+                if ready_only and version.served is None:
                     continue
-                state = State.READY if ready else State.UNAVAILABLE
-                rows.append({"name": name, "version": str(number), "state": state.value, "reason": version.reason})
+                rows.append(
+                    {"name": name, "version": str(number), "state": version.state.value, "reason": version.reason}
+                )
         return rows
 
     # -- changing what is served (each on the event loop, under the lock; file work in a thread)
@@ -304,16 +306,16 @@ class Repository:
         served = served_model(name, number, model, limits, {"source": "file", "seed": None, "file": path.name})
         served = replace(served, description=config.description)
         logger.info("model %s version %d: ready (%s)", name, number, served.fingerprint)
-        return Version(number, State.READY, "", served, signature)
+        return Version(number, "", served, signature)
 
     @staticmethod
     def _unavailable(number: int, problem: str, before: Version | None) -> Version:
         """A version that could not be read: what it served before (if anything) keeps serving."""
         if before is None or before.served is None:
-            return Version(number, State.UNAVAILABLE, problem)
+            return Version(number, problem)
         kept = before.served
         reason = f"{problem}; still serving what was loaded at {kept.loaded_at.isoformat(timespec='seconds')}"
-        return Version(number, State.READY, reason, kept, before.signature)
+        return Version(number, reason, kept, before.signature)
 
 
 def release_memory() -> None:

@@ -310,7 +310,6 @@ def listing(core: Core, root: str) -> list[dict[str, Any]]:
                 row |= {"input_dim": model.input_dim, "latent_dim": model.latent_dim}
                 row |= {"fingerprint": version.served.fingerprint, "loaded_at": version.served.loaded_at}
                 row["routes"] = _routes(f"{root}/v1/models/{name}/versions/{number}", model.has_decoders)
-                row["state"] = "READY"
             versions.append(row)
         ready = entry.ready()
         models.append(
