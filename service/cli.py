@@ -24,6 +24,7 @@ from service.models.encoders import Model, ModelError, seeded
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 
 DEFAULT_SPEC = Path("openapi/openapi.json")
+SERVER_LOCK = "server.lock"  # in ENCODER_METRICS_DIR, held by the server that counts there
 
 
 def spec_document(settings: Settings) -> dict[str, Any]:
@@ -73,24 +74,50 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     return 0 if started else STARTUP_FAILURE
 
 
+class CommandError(Exception):
+    """A mistake in a command's flags or settings, said in one line."""
+
+
 @contextlib.contextmanager
 def _metrics_dir(settings: Settings, workers: int) -> Iterator[None]:
-    """With several workers, a directory where each keeps its counts for /metrics (Metrics.shared):
-    ENCODER_METRICS_DIR emptied of an earlier run's files, or a new one removed at exit."""
-    if workers == 1:
-        yield
+    """The directory where each worker keeps its counts for /metrics (Metrics.shared): with
+    ENCODER_METRICS_DIR, that one, checked, held for this server alone (a lock: two servers
+    counting into one directory would wipe each other's counts) and emptied of an earlier run's
+    files; else, with several workers, a new one removed at exit."""
+    directory = settings.metrics_dir
+    if directory is None:
+        if workers == 1:
+            yield
+            return
+        with tempfile.TemporaryDirectory(prefix="encoding-service-metrics-") as made:
+            os.environ["ENCODER_METRICS_DIR"] = made  # the workers read it with their settings
+            yield
         return
-    if settings.metrics_dir is not None:
-        from service.core.control import STALE
+    import fcntl
 
-        for pattern in ("worker-*.json", *STALE):
-            for stale in settings.metrics_dir.glob(pattern):
-                stale.unlink()
-        yield
-        return
-    with tempfile.TemporaryDirectory(prefix="encoding-service-metrics-") as directory:
-        os.environ["ENCODER_METRICS_DIR"] = directory  # the workers read it with their settings
-        yield
+    from service.core.control import STALE
+    from service.core.metrics import usable
+
+    problem = usable(directory)
+    if problem is not None:
+        raise CommandError(f"ENCODER_METRICS_DIR {str(directory)!r}: {problem}")
+    with (directory / SERVER_LOCK).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "?"
+            raise CommandError(
+                f"ENCODER_METRICS_DIR {str(directory)!r}: in use by another server (pid {holder}); "
+                "each server needs a directory of its own"
+            ) from None
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        for pattern in ("worker-*.json", "worker-*.tmp", *STALE):
+            for stale in directory.glob(pattern):
+                stale.unlink(missing_ok=True)
+        yield  # the lock is released when the file closes, at exit
 
 
 def _settings(_args: argparse.Namespace, _settings: Settings) -> int:
@@ -303,7 +330,11 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"encoding-service: invalid settings: {describe(exc)}", file=sys.stderr)
         return 2
-    code: int = args.run(args, settings)
+    try:
+        code: int = args.run(args, settings)
+    except CommandError as exc:
+        print(f"encoding-service: {exc}", file=sys.stderr)
+        return 2
     return code
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROOT_PATH = r"^(/[^/\s]+)*$"  # "" or "/api", "/a/b": no trailing slash
+KEY = re.compile(r"[!-~]+")  # an API key: printable ASCII without spaces, as a header carries it
 
 
 class Settings(BaseSettings):
@@ -67,7 +69,8 @@ class Settings(BaseSettings):
     """An API key that /v1 and /v2 requests must send (Authorization: Bearer, or X-API-Key). Unset: open."""
 
     api_keys_file: Path | None = None
-    """A file of API keys, one a line, read again when it changes: rotate keys without a restart."""
+    """A file of API keys, one a line (`#` starts a comment line), read again when it changes:
+    rotate keys without a restart."""
 
     admin_api_key: SecretStr | None = None
     """The key that loading and unloading models takes (POST /v2/repository/models/{name}/load,
@@ -91,8 +94,9 @@ class Settings(BaseSettings):
     metrics_dir: Path | None = None
     """A directory all worker processes of one server share, where each keeps its counts so that
     /metrics counts every worker, and through which a model repository's loads and unloads reach
-    every worker. `encoding-service serve` makes one when ENCODER_WORKERS > 1; set it for another
-    multi-process server, emptied at its start."""
+    every worker. It must exist and be writable. `encoding-service serve` makes one when
+    ENCODER_WORKERS > 1, and empties one you set at its start; set it for another multi-process
+    server, emptied at its start."""
 
     access_log: bool = True
     """One line per request on stdout (ENCODER_LOG_FORMAT): request id, method, path, status,
@@ -119,6 +123,15 @@ class Settings(BaseSettings):
     @classmethod
     def _split(cls, value: object) -> object:
         return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @field_validator("api_key", "admin_api_key")
+    @classmethod
+    def _not_empty(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and not value.get_secret_value().strip():
+            raise ValueError("is empty: unset it to leave the API open, or give a key")
+        if value is not None and not KEY.fullmatch(value.get_secret_value()):
+            raise ValueError("a key is printable ASCII without spaces")
+        return value
 
     @property
     def auth_required(self) -> bool:

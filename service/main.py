@@ -32,7 +32,7 @@ from service.api.v2.routes import protocol_error_handler, v2
 from service.config import Settings, describe
 from service.core.control import Action, Control, every
 from service.core.inference import DEFAULT, Core, CoreError, Limits, Served, warm_up
-from service.core.metrics import Metrics
+from service.core.metrics import Metrics, usable
 from service.core.repository import Repository, served_model
 from service.models import weights
 from service.models.encoders import ModelError, seeded
@@ -73,8 +73,10 @@ def load_keys(settings: Settings) -> Keys | None:
     key = settings.api_key.get_secret_value() if settings.api_key is not None else None
     try:
         keys = Keys(key, settings.api_keys_file)
-    except (OSError, UnicodeDecodeError) as exc:
-        raise StartupError(f"API keys file {str(settings.api_keys_file)!r}: cannot be read ({exc})") from None
+    except OSError as exc:
+        raise StartupError(f"API keys file {str(settings.api_keys_file)!r}: cannot be read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise StartupError(f"API keys file {str(settings.api_keys_file)!r}: {exc}") from None
     if not keys.current():
         raise StartupError(f"API keys file {str(settings.api_keys_file)!r}: holds no key")
     return keys
@@ -207,6 +209,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: Service) -> AsyncIterator[State]:
+        if settings.metrics_dir is not None and (problem := usable(settings.metrics_dir)) is not None:
+            raise StartupError(f"ENCODER_METRICS_DIR {str(settings.metrics_dir)!r}: {problem}")
         repository = await open_repository(settings)
         keys = load_keys(settings)
         core = Core(repository, app.metrics, settings.max_body_bytes)

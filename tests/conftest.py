@@ -92,6 +92,7 @@ class Server:
     process: subprocess.Popen[bytes]
     url: str
     log: IO[bytes]
+    final: str | None = None  # what it wrote, once stopped
 
     def stop(self) -> int:
         """SIGTERM by PID, then SIGKILL if it lingers; the exit code."""
@@ -102,7 +103,9 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.log.close()
+        if self.final is None:
+            self.final = self.output()
+            self.log.close()
         return self.process.returncode
 
     def connect(self, timeout: float = 15) -> socket.socket:
@@ -111,7 +114,9 @@ class Server:
         return socket.create_connection((host, int(port)), timeout=timeout)
 
     def output(self) -> str:
-        """What the server wrote to stderr so far."""
+        """What the server wrote to stderr so far (all of it, once stopped)."""
+        if self.final is not None:
+            return self.final
         self.log.seek(0)
         return self.log.read().decode(errors="replace")
 

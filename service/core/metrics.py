@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 import re
+import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +20,38 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
+from pydantic import TypeAdapter, ValidationError
+from typing_extensions import TypedDict
+
+logger = logging.getLogger("service.metrics")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class Snapshot(TypedDict):
+    """What a worker's file holds (Counts.snapshot)."""
+
+    pid: int
+    requests: list[tuple[str, str, int, int]]
+    latency: dict[str, list[float]]
+    in_flight: int
+    rows: dict[str, int]
+    samples: dict[str, int]
+
+
+SNAPSHOT = TypeAdapter(Snapshot)
+
+
+def usable(directory: Path) -> str | None:
+    """What keeps a directory from holding the workers' files (ENCODER_METRICS_DIR), or None."""
+    if not directory.is_dir():
+        return "not a directory" if directory.exists() else "does not exist"
+    try:
+        with tempfile.NamedTemporaryFile(dir=directory, prefix=".probe-"):
+            pass
+    except OSError as exc:
+        return f"cannot be written ({exc.strerror or exc})"
+    return None
 
 
 class Counts:
@@ -88,6 +120,7 @@ class Metrics(Counts):
         self.served: Callable[[], Iterable[tuple[str, int, dict[str, str]]]] = lambda: ()
         self.shared = shared
         self.catch_up: Callable[[], None] = lambda: None  # counts what is kept for later: RequestLog sets it
+        self.complained: set[str] = set()  # the problems logged once already
         self.registry.register(self)
 
     def route(self, path: str) -> str:
@@ -125,8 +158,19 @@ class Metrics(Counts):
             return
         path = self.shared / f"worker-{os.getpid()}.json"
         temporary = path.with_suffix(".tmp")
-        temporary.write_bytes(orjson.dumps(self.snapshot()))
-        os.replace(temporary, path)  # whole or not at all, for a reader
+        try:
+            temporary.write_bytes(orjson.dumps(self.snapshot()))
+            os.replace(temporary, path)  # whole or not at all, for a reader
+        except OSError as exc:  # the directory went bad at run time: the requests are still served and logged
+            self._complain(
+                f"cannot write {path.name} ({exc.strerror or exc}): other workers' scrapes miss this worker's counts"
+            )
+
+    def _complain(self, problem: str) -> None:
+        """Log a problem with the shared directory once, not at every request or scrape."""
+        if problem not in self.complained:
+            self.complained.add(problem)
+            logger.warning("ENCODER_METRICS_DIR: %s", problem)
 
     def totals(self) -> Counts:
         """Every worker's counts summed (with `shared`), or this one's."""
@@ -139,10 +183,17 @@ class Metrics(Counts):
             if path.name == mine:
                 continue
             try:
-                data = orjson.loads(path.read_bytes())
-            except (OSError, orjson.JSONDecodeError):
+                data = SNAPSHOT.validate_json(path.read_bytes())
+            except FileNotFoundError:  # a worker's file being replaced
                 continue
-            totals.add(data, live=alive(data["pid"]))
+            except (OSError, ValidationError) as exc:
+                reason = exc.strerror if isinstance(exc, OSError) else "not a worker's counts"
+                self._complain(f"{path.name} skipped: {reason}")
+                continue
+            if any(len(buckets) != len(LATENCY_BUCKETS) + 2 for buckets in data["latency"].values()):
+                self._complain(f"{path.name} skipped: its latency buckets are not this server's")
+                continue
+            totals.add(dict(data), live=alive(data["pid"]))
         return totals
 
     def collect(self) -> Iterator[Metric]:

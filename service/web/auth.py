@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
-import contextlib
 import hmac
+import logging
 import os
 import time
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from service.config import KEY
 from service.web.errors import problem
 from service.web.paths import route_path
+
+logger = logging.getLogger("service.auth")
 
 PROTECTED = ("/v1/", "/v2")
 OPEN = ("/v2/health/",)  # the protocol's own probes stay open, as /healthz and /readyz do
@@ -20,9 +23,13 @@ DOCS = ("/docs", "/redoc", "/openapi.json", "/docs-assets/")
 
 
 class Keys:
-    """The accepted keys: one from the settings, and those in a file, one a line ('#' starts a
-    comment). The file is read again when it changes, at most once a second, so keys can be
-    rotated without a restart: add the new key, move clients over, remove the old one."""
+    """The accepted keys: one from the settings, and those in a file (its format: `parse_keys`).
+    The file is read again when it changes, at most once a second, so keys can be rotated without a
+    restart: add the new key, move clients over, remove the old one. A file that cannot be read or
+    breaks the format fails startup; at run time it is logged once and the keys read before stay
+    (so does a file removed: empty it to take every key back)."""
+
+    RECHECK = 1.0  # seconds between looks at the file
 
     def __init__(self, key: str | None, file: Path | None) -> None:
         self.fixed = [key.encode()] if key else []
@@ -30,23 +37,36 @@ class Keys:
         self.from_file: list[bytes] = []
         self.seen: tuple[int, int] | None = None
         self.checked = 0.0
+        self.complaint: str | None = None  # the last problem logged, so that it is logged once
         self.reload()
 
     def reload(self) -> None:
+        """Read the file if it changed; OSError or ValueError (saying what is wrong) if it is bad."""
         if self.file is None:
             return
-        stat = os.stat(self.file)  # a missing or unreadable file fails startup, and later keeps the old keys
+        stat = os.stat(self.file)
         if (stat.st_mtime_ns, stat.st_size) != self.seen:
-            lines = (line.split("#", 1)[0].strip() for line in self.file.read_text().splitlines())
-            self.from_file = [line.encode() for line in lines if line]
-            self.seen = (stat.st_mtime_ns, stat.st_size)
+            self.seen = (stat.st_mtime_ns, stat.st_size)  # a bad file is reported once, not every second
+            self.from_file = parse_keys(self.file.read_bytes())
 
     def current(self) -> list[bytes]:
         now = time.monotonic()
-        if self.file is not None and now - self.checked >= 1.0:
+        if self.file is not None and now - self.checked >= self.RECHECK:
             self.checked = now
-            with contextlib.suppress(OSError):  # keep serving with the keys already read
+            try:
                 self.reload()
+            except (OSError, ValueError) as exc:  # keep serving with the keys already read
+                problem = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+                if problem != self.complaint:
+                    self.complaint = problem
+                    logger.warning(
+                        "API keys file %r: %s; the %d key(s) read before stay valid",
+                        str(self.file),
+                        problem,
+                        len(self.from_file),
+                    )
+            else:
+                self.complaint = None
         return self.fixed + self.from_file
 
     def accepts(self, presented: bytes) -> bool:
@@ -55,6 +75,29 @@ class Keys:
         for key in self.current():
             matched |= hmac.compare_digest(key, presented)
         return matched
+
+
+def parse_keys(data: bytes) -> list[bytes]:
+    """The keys in a keys file: UTF-8 text, one key a line. A line is blank, a comment (its first
+    character other than a space is `#`), or a key: printable ASCII without spaces, `#` included,
+    with spaces around it ignored. Any other line is refused (ValueError naming it), never read as
+    part of a key: a key is never silently shortened."""
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ValueError("is not UTF-8 text (write it as UTF-8 or ASCII, one key a line)") from None
+    keys = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if not KEY.fullmatch(line):
+            raise ValueError(
+                f"line {number} is not a key: a key is printable ASCII without spaces, "
+                "and a comment is a line of its own starting with #"
+            )
+        keys.append(line.encode())
+    return keys
 
 
 class RequireKey:

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from service.config import Settings
 from service.main import create_app
+from service.web.auth import Keys
 from tests.conftest import run_app
 
 ROW = {"inputs": [[0, 1, 1, 0, 1]]}
@@ -80,7 +81,7 @@ def test_a_keys_file_rotates_without_a_restart(tmp_path: Path) -> None:
     keys.write_text("# one key a line\nold-key\n")
     with TestClient(create_app(Settings(api_keys_file=keys))) as client:
         assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "old-key"}).status_code == 200
-        keys.write_text("old-key\nnew-key  # added for the rotation\n")
+        keys.write_text("old-key\n# added for the rotation\nnew-key\n")
         os.utime(keys, ns=(time.time_ns(), time.time_ns() + 10**9))
         time.sleep(1.1)  # the file is looked at again at most once a second
         assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "new-key"}).status_code == 200
@@ -91,15 +92,75 @@ def test_a_keys_file_rotates_without_a_restart(tmp_path: Path) -> None:
         assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "new-key"}).status_code == 200
 
 
-@pytest.mark.parametrize(("content", "problem"), [(None, "cannot be read"), ("# only a comment\n", "holds no key")])
-def test_a_bad_keys_file_refuses_to_start_with_one_line(tmp_path: Path, content: str | None, problem: str) -> None:
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (None, "cannot be read"),
+        ("# only a comment\n", "holds no key"),
+        ("good-key\nsecret # a comment after a key\n", "line 2 is not a key"),
+        ("good-key\n".encode("utf-16"), "is not UTF-8 text"),
+    ],
+)
+def test_a_bad_keys_file_refuses_to_start_with_one_line(
+    tmp_path: Path, content: str | bytes | None, problem: str
+) -> None:
     keys = tmp_path / "keys"
     if content is not None:
-        keys.write_text(content)
+        keys.write_bytes(content if isinstance(content, bytes) else content.encode())
     result = run_app(api_keys_file=str(keys))
     assert result.returncode != 0
     assert "Traceback" not in result.stderr
     assert f"API keys file {str(keys)!r}: {problem}" in result.stderr
+
+
+def test_a_hash_inside_a_key_is_part_of_it(tmp_path: Path) -> None:
+    keys = tmp_path / "keys"
+    keys.write_text("# the keys\n  abc#def-long-secret  \n")
+    with TestClient(create_app(Settings(api_keys_file=keys))) as client:
+        for key, status in [("abc", 401), ("abc#def", 401), ("abc#def-long-secret", 200)]:
+            assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": key}).status_code == status, key
+
+
+def _touch_later(path: Path, seconds: int) -> None:
+    """Move a file's mtime ahead, so that a rewrite within the same clock tick is seen as a change."""
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + seconds * 10**9))
+
+
+def test_a_keys_file_gone_bad_at_run_time_keeps_the_last_good_keys(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(Keys, "RECHECK", 0.0)  # looked at before every request
+    keys = tmp_path / "keys"
+    keys.write_text("the-key\n")
+    with TestClient(create_app(Settings(api_keys_file=keys))) as client:
+        assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "the-key"}).status_code == 200
+        for step, bad in enumerate(["the-key\nnew-key\n".encode("utf-16"), b"the-key\nnew key with spaces\n"], 1):
+            keys.write_bytes(bad)
+            _touch_later(keys, step)
+            for _ in range(3):  # the file is looked at again each time
+                answer = client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "the-key"})
+                assert answer.status_code == 200
+                assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "new-key"}).status_code == 401
+        keys.unlink()  # removed: the keys read last stay
+        assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "the-key"}).status_code == 200
+        keys.write_text("new-key\n")  # good again: read at once
+        _touch_later(keys, 3)
+        assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "new-key"}).status_code == 200
+        assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "the-key"}).status_code == 401
+    warnings = [r.getMessage() for r in caplog.records if r.name == "service.auth"]
+    assert len(warnings) == 3, warnings  # each problem once, not once a second
+    assert "is not UTF-8 text" in warnings[0] and "the 1 key(s) read before stay valid" in warnings[0]
+    assert "line 2 is not a key" in warnings[1]
+    assert "No such file or directory" in warnings[2]
+
+
+@pytest.mark.parametrize("variable", ["api_key", "admin_api_key"])
+def test_an_empty_key_setting_is_refused_by_name(variable: str) -> None:
+    result = run_app(**{variable: ""})
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert f"ENCODER_{variable.upper()}: Value error, is empty: unset it to leave the API open" in result.stderr
+    assert "None" not in result.stderr
 
 
 def test_cors_is_off_by_default(client: TestClient) -> None:
