@@ -56,6 +56,9 @@ class OneLineStartupErrors:
         await self.app(scope, receive, send_one_line)
 
 
+LOC_MOST = 64  # characters of a client's key shown in an error's place
+
+
 def _clean(error: dict[str, Any]) -> dict[str, Any]:
     """A validation error as the client sees it: where and what, never its input echoed back."""
     loc = list(error["loc"])
@@ -63,6 +66,8 @@ def _clean(error: dict[str, Any]) -> dict[str, Any]:
     msg = error["msg"]
     kind = error["type"]
     loc += ctx.get("where", [])  # our validators say where inside the field: row, column, packed, rows
+    # A client's own key (an unknown field's name) is part of the place: cut, as every echoed string is.
+    loc = [part if not isinstance(part, str) or len(part) <= LOC_MOST else part[:LOC_MOST] + "..." for part in loc]
     if kind == "json_invalid":
         msg = f"invalid JSON at character {loc[-1]}: {ctx.get('error', 'cannot be parsed')}"
     elif kind in ("model_type", "model_attributes_type", "dict_type") and loc == ["body"]:

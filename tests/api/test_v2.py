@@ -143,6 +143,7 @@ def _request(**tensor: Any) -> dict[str, Any]:
         (_request() | {"outputs": [{"name": "z", "parameters": {"datatype": "FP16"}}]}, {}, 400, "datatype must be"),
         (_request(), {"inference-header-content-length": "x"}, 400, "is not a number"),
         (_request(), {"inference-header-content-length": "9999"}, 400, "does not fit a body of"),
+        (b"", {}, 400, 'the body is empty: an inference request is a JSON object with "inputs"'),
     ],
 )
 def test_bad_requests_get_400_with_a_message(
@@ -167,6 +168,46 @@ def test_binary_sizes_must_agree(client: TestClient) -> None:
     wrong = json.dumps(_request(data=None, parameters={"binary_data_size": 5})).encode()
     response = _infer(client, wrong + raw[:5], **{"inference-header-content-length": str(len(wrong))})
     assert "5 INT32 values take 20 bytes" in response.json()["error"]
+
+
+@pytest.mark.parametrize("byte", [2, 255, 0x80])
+def test_binary_bool_takes_only_the_bytes_0_and_1(client: TestClient, byte: int) -> None:
+    header = json.dumps(_request(datatype="BOOL", data=None, parameters={"binary_data_size": 10}, shape=[2, 5]))
+    ones = bytes([0, 1, 1, 0, 1, 1, 0, 0, 1, 0])
+    length = {"inference-header-content-length": str(len(header))}
+    good = _infer(client, header.encode() + ones, **length)
+    assert good.status_code == 200
+    bad = _infer(client, header.encode() + ones[:7] + bytes([byte]) + ones[8:], **length)
+    assert bad.status_code == 400
+    assert bad.json() == {"error": f"input 'input': row 1, column 2: expected 0 or 1, got {byte}"}
+
+
+BIG = "x" * 1_000_000
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        _request() | {"parameters": {"seed": BIG}},
+        _request() | {"parameters": {"samples": BIG}},
+        _request() | {"parameters": {"output_datatype": BIG}},
+        _request() | {"parameters": {"output_datatype": [BIG]}},
+        _request() | {"outputs": [{"name": "mu", "parameters": {"datatype": BIG}}]},
+        _request() | {"outputs": [{"name": BIG}]},
+        _request(name=BIG),
+        _request(datatype=BIG),
+    ],
+)
+def test_no_error_echoes_a_clients_string_whole(client: TestClient, body: dict[str, Any]) -> None:
+    response = _infer(client, body)
+    assert response.status_code == 400
+    assert len(response.content) < 300, response.content[:300]
+
+
+def test_v1_cuts_an_unknown_fields_name_too(client: TestClient) -> None:
+    response = client.post("/v1/vae/encode", json={"inputs": [[0, 1, 1, 0, 1]], BIG: 1})
+    assert response.status_code == 422
+    assert response.json()["detail"][0]["loc"] == ["body", "x" * 64 + "..."]
 
 
 @pytest.mark.parametrize(

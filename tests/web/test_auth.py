@@ -149,7 +149,8 @@ def test_a_keys_file_gone_bad_at_run_time_keeps_the_last_good_keys(
         assert client.post("/v1/vae/encode", json=ROW, headers={"x-api-key": "the-key"}).status_code == 401
     warnings = [r.getMessage() for r in caplog.records if r.name == "service.auth"]
     assert len(warnings) == 3, warnings  # each problem once, not once a second
-    assert "is not UTF-8 text" in warnings[0] and "the 1 key(s) read before stay valid" in warnings[0]
+    assert "is not UTF-8 text" in warnings[0]
+    assert "the 1 key(s) read before stay valid" in warnings[0]
     assert "line 2 is not a key" in warnings[1]
     assert "No such file or directory" in warnings[2]
 

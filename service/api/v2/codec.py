@@ -158,6 +158,8 @@ def decode(body: bytes, header_length: str | None, model: str, input_dim: int, o
         json_length = len(body) if header_length is None else int(header_length)
     except ValueError:
         raise ProtocolError(f"Inference-Header-Content-Length is not a number: {str(header_length)[:20]!r}") from None
+    if not body and header_length is None:
+        raise ProtocolError('the body is empty: an inference request is a JSON object with "inputs"')
     if not 0 < json_length <= len(body):
         raise ProtocolError(f"Inference-Header-Content-Length {json_length} does not fit a body of {len(body)} bytes")
     try:
@@ -211,12 +213,13 @@ def _tensor(tensor: RequestInput, binary: memoryview, input_dim: int) -> tuple[B
         raise ProtocolError(
             f"input {INPUT_NAME!r} holds {values.size} values, but its shape {tensor.shape} needs {count}"
         )
-    if dtype.kind != "b":
-        bad = np.flatnonzero((values != 0) & (values != 1))
+    if dtype.kind != "b" or size is not None:  # BOOL in binary: bytes, of which only 0 and 1 are bits
+        numbers = values.view(np.uint8) if dtype.kind == "b" else values
+        bad = np.flatnonzero((numbers != 0) & (numbers != 1))
         if bad.size:
             row, column = divmod(int(bad[0]), input_dim)
             raise ProtocolError(
-                f"input {INPUT_NAME!r}: row {row}, column {column}: expected 0 or 1, got {values[bad[0]]}"
+                f"input {INPUT_NAME!r}: row {row}, column {column}: expected 0 or 1, got {numbers[bad[0]]}"
             )
     return values.reshape(tensor.shape), used
 
@@ -242,7 +245,7 @@ def _outputs(
     binary_default = parameters.get("binary_data_output") is True
     default_type = parameters.get("output_datatype", "FP64")
     if default_type not in ("FP32", "FP64"):
-        raise ProtocolError(f'output_datatype must be "FP32" or "FP64", got {default_type!r}')
+        raise ProtocolError(f'output_datatype must be "FP32" or "FP64", got {_shown(default_type)}')
     if request.outputs is None:
         return {name: (binary_default, default_type) for name in names}
     chosen = {}
@@ -252,9 +255,17 @@ def _outputs(
         options = output.parameters or {}
         datatype = options.get("datatype", default_type)
         if datatype not in ("FP32", "FP64"):
-            raise ProtocolError(f'output {output.name!r}: datatype must be "FP32" or "FP64", got {datatype!r}')
+            raise ProtocolError(f'output {output.name!r}: datatype must be "FP32" or "FP64", got {_shown(datatype)}')
         chosen[output.name] = (options.get("binary_data", binary_default) is True, datatype)
     return chosen
+
+
+def _shown(value: Any) -> str:
+    """A client's value of any type, for a message: cut as `shown` cuts a string."""
+    if isinstance(value, str):
+        return shown(value)
+    text = repr(value)
+    return text if len(text) <= 64 else text[:64] + "..."
 
 
 def encode(
