@@ -149,6 +149,7 @@ def build(
         matrix, packed = schemas[name]["properties"]["inputs"]["anyOf"]
         _vectors(matrix, [rows, (d, d)])
         packed["properties"]["packed"].update(base64_rows((d + 7) // 8, limits.max_rows))
+        packed["properties"]["width"].update(minimum=d, maximum=d)
         for example in schemas[name]["examples"]:
             example["inputs"] = example_rows(d)
     # FastAPI's OpenAPI models hold bounds as floats, and 2**63 - 1 does not survive that.

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from service.client import AsyncClient, Client, ServiceError
-from tests.conftest import Server
+from service.models import weights
+from tests.conftest import Server, start_server
 
 ROWS = np.array([[0, 1, 1, 0, 1], [1, 0, 0, 1, 0]])
 
@@ -49,15 +50,88 @@ def test_packed_and_json_transports_agree(client: Client) -> None:
 
 def test_errors_carry_the_servers_message(client: Client) -> None:
     with pytest.raises(ServiceError) as error:
-        client.encode(np.array([[0, 1, 2, 0, 1]]), packed=False)
+        client.encode(np.ones((2, 6)), packed=False)
     assert error.value.status == 422
-    assert error.value.detail[0]["msg"] == "row 0, column 2: expected 0 or 1, got 2"
+    assert error.value.detail[0]["msg"] == "rows have 6 values, but the model's input_dim is 5"
     with pytest.raises(ServiceError) as error:
         client.vae(ROWS, samples=5000)
     assert error.value.status == 413
     assert "5000 samples is more than the limit" in error.value.detail
-    with pytest.raises(ValueError, match="every value must be 0 or 1"):
-        client.encode(np.array([[0, 1, 2, 0, 1]]), packed=True)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_a_bad_bit_is_named_by_row_and_column_before_anything_is_sent(client: Client, packed: bool) -> None:
+    bits = np.ones((3000, 5))
+    bits[2345, 3] = 2
+    with pytest.raises(ValueError, match=r"^row 2345, column 3: expected 0 or 1, got 2\.0$"):
+        client.encode(bits, packed=packed)
+    bits[2345, 3] = 0.5  # not rounded to 0 on the way
+    with pytest.raises(ValueError, match=r"row 2345, column 3: expected 0 or 1, got 0\.5"):
+        client.vae(bits, packed=packed)
+
+
+def test_a_batch_of_the_wrong_width_is_never_answered_with_codes(client: Client) -> None:
+    for shape in [(2000, 6), (2000, 4), (2, 6)]:  # packed above 4096 values, JSON below
+        with pytest.raises(ServiceError) as error:
+            client.encode(np.ones(shape))
+        assert error.value.status == 422
+        assert "5" in str(error.value.detail)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory: pytest.TempPathFactory) -> Server:
+    """A server of trained weights (with decoders) and small row limits."""
+    from service.models.train import train
+
+    model, _ = train(np.random.default_rng(0).integers(0, 2, size=(200, 5)), seed=0, epochs=5)
+    path = tmp_path_factory.mktemp("trained") / "model.safetensors"
+    weights.save(model, path)
+    server = start_server(weights=str(path), max_rows="10", max_rows_x_samples="30")
+    yield server  # type: ignore[misc]
+    server.stop()
+
+
+def test_decode_and_reconstruct_give_the_servers_numbers(small: Server) -> None:
+    live = small
+    with Client(small.url) as client:
+        codes = client.encode(ROWS)
+        direct = httpx.post(f"{live.url}/v1/autoencoder/decode", json={"codes": codes.tolist()})
+        np.testing.assert_array_equal(client.decode(codes), direct.json()["probabilities"])
+        z = client.vae(ROWS, seed=3).z[:, 0, :]
+        direct = httpx.post(f"{live.url}/v1/vae/decode", json={"z": z.tolist()})
+        np.testing.assert_array_equal(client.decode(z, kind="vae"), direct.json()["probabilities"])
+        for kind in ("autoencoder", "vae"):
+            direct = httpx.post(f"{live.url}/v1/{kind}/reconstruct", json={"inputs": ROWS.tolist()})
+            np.testing.assert_array_equal(client.reconstruct(ROWS, kind=kind), direct.json()["probabilities"])
+        with pytest.raises(ValueError, match="kind must be one of autoencoder, vae"):
+            client.decode(codes, kind="gan")
+
+
+def test_a_batch_over_the_row_limit_is_split_and_its_seeds_reproduce(small: Server) -> None:
+    server = small
+    bits = np.random.default_rng(0).integers(0, 2, size=(25, 5))
+    with Client(server.url) as client:
+        codes = client.encode(bits)  # 413, then three requests of at most 10 rows
+        chunks = [bits[start : start + 10].tolist() for start in (0, 10, 20)]
+        each = [httpx.post(f"{server.url}/v1/autoencoder/encode", json={"inputs": rows}) for rows in chunks]
+        np.testing.assert_array_equal(codes, np.vstack([answer.json()["codes"] for answer in each]))
+        result = client.vae(bits, samples=4, seed=7)  # 7 rows a request: 4 x 7 <= 30 z vectors
+        assert result.z.shape == (25, 4, 2)
+        assert result.seed == 7
+        np.testing.assert_array_equal(client.vae(bits, samples=4, seed=7).z, result.z)
+        second = httpx.post(
+            f"{server.url}/v1/vae/encode", json={"inputs": bits[7:14].tolist(), "samples": 4, "seed": 8}
+        )  # request i of a split batch draws with seed + i
+        np.testing.assert_array_equal(result.z[7:14], second.json()["z"])
+        with pytest.raises(ValueError, match="rows of 6 values were given, but the model's are 5 wide"):
+            client.encode(np.ones((30, 6)))  # the limits learned, the width is checked before sending
+        big = np.random.default_rng(1).integers(0, 2, size=(25, 5))
+        direct = [
+            httpx.post(f"{server.url}/v1/autoencoder/reconstruct", json={"inputs": big[at : at + 10].tolist()})
+            for at in (0, 10, 20)
+        ]
+        probabilities = np.vstack([answer.json()["probabilities"] for answer in direct])
+        np.testing.assert_array_equal(client.reconstruct(big), probabilities)
 
 
 def test_the_async_client_gives_the_same_numbers(live: Server, client: Client) -> None:

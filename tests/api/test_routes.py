@@ -208,7 +208,7 @@ def test_packed_rows_give_the_same_answers_as_json(rows: int, width: int, seed: 
     with TestClient(create_app(Settings(input_dim=width, latent_dim=3))) as client:
         for path, extra in (("/v1/autoencoder/encode", {}), ("/v1/vae/encode", {"samples": 2, "seed": seed})):
             plain = client.post(path, json={"inputs": bits.tolist(), **extra})
-            answer = client.post(path, json={"inputs": packed, **extra})
+            answer = client.post(path, json={"inputs": packed | {"width": width}, **extra})
             assert plain.status_code == answer.status_code == 200
             assert plain.json() == answer.json()
 
@@ -216,12 +216,16 @@ def test_packed_rows_give_the_same_answers_as_json(rows: int, width: int, seed: 
 @pytest.mark.parametrize(
     ("inputs", "loc", "words"),
     [
-        ({"packed": ""}, ["body", "inputs", "packed"], "holds 0 bytes, not a whole number of rows of 5 bits"),
+        ({"packed": ""}, ["body", "inputs", "packed"], "holds no bytes: a batch is at least one row of 5 bits"),
+        ({"packed": "AA==", "width": 4}, ["body", "inputs", "width"], "rows of 4 bits were sent, but the model's"),
+        ({"packed": "AA==", "width": 0}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
+        ({"packed": "AA==", "width": "5"}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
+        ({"packed": "AA==", "width": True}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
         ({"packed": "not base64!"}, ["body", "inputs", "packed"], "not valid base64"),
         ({"packed": "aJA"}, ["body", "inputs", "packed"], "not valid base64"),
         ({"packed": 12}, ["body", "inputs", "packed"], "expected a base64 string, got 12"),
         ({"rows": 1}, ["body", "inputs"], "unexpected field 'rows' next to packed"),
-        ({"packed": "AA==", "width": 5}, ["body", "inputs"], "unexpected field 'width'"),
+        ({"packed": "AA==", "rows": 1}, ["body", "inputs"], "unexpected field 'rows'"),
     ],
 )
 def test_bad_packed_rows_get_422_naming_where(client: TestClient, inputs: Any, loc: list[Any], words: str) -> None:
@@ -230,6 +234,15 @@ def test_bad_packed_rows_get_422_naming_where(client: TestClient, inputs: Any, l
     detail = response.json()["detail"][0]
     assert detail["loc"] == loc
     assert words in detail["msg"]
+
+
+def test_packed_rows_that_say_their_width_are_never_encoded_at_another() -> None:
+    rows = _packed(np.ones((3, 780)))  # 98 bytes a row, as rows of 784 bits take
+    with TestClient(create_app(Settings(input_dim=784, latent_dim=3))) as client:
+        refused = client.post("/v1/vae/encode", json={"inputs": rows | {"width": 780}})
+        assert refused.status_code == 422
+        assert refused.json()["detail"][0]["msg"] == "rows of 780 bits were sent, but the model's rows are 784 bits"
+        assert client.post("/v1/vae/encode", json={"inputs": rows | {"width": 784}}).status_code == 200
 
 
 def test_packed_rows_over_the_limit_get_413_before_they_are_unpacked() -> None:

@@ -17,6 +17,7 @@ from pydantic import (
 )
 from pydantic_core import PydanticCustomError
 
+from service.core.inference import shown
 from service.models.encoders import Batch
 
 # Batches of more values than this are read as bytes (parse_bits); smaller ones by a set test a row.
@@ -122,10 +123,26 @@ PACKED_SCHEMA: dict[str, Any] = {
     ),
     "properties": {
         "packed": {"type": "string", "contentEncoding": "base64", "description": "rows x ceil(input_dim / 8) bytes"},
+        "width": {
+            "type": "integer",
+            "minimum": 1,
+            "description": (
+                "Bits a row: when given, it must be the model's input_dim. A byte count cannot tell "
+                "780-bit rows from 784-bit ones; send it, and such a batch is refused, not encoded."
+            ),
+        },
     },
     "required": ["packed"],
     "additionalProperties": False,
 }
+
+
+class PackedError(ValueError):
+    """Packed rows that do not fit the model, and the field that says so (packed or width)."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -135,13 +152,21 @@ class Packed:
     byte (the padding bits are ignored). How many rows, and their width, follow from the model."""
 
     data: bytes
+    width: int | None = None  # bits a row, as the client says (optional)
 
     def rows(self, width: int) -> int:
-        """How many rows of `width` bits the bytes hold; ValueError if not a whole number of them."""
+        """How many rows of `width` bits the bytes hold; PackedError if the client's width is
+        another, or the bytes are not a whole number of rows."""
+        if self.width is not None and self.width != width:
+            raise PackedError("width", f"rows of {self.width} bits were sent, but the model's rows are {width} bits")
         per_row = (width + 7) // 8
-        if not self.data or len(self.data) % per_row:
-            raise ValueError(
-                f"holds {len(self.data)} bytes, not a whole number of rows of {width} bits ({per_row} bytes each)"
+        if not self.data:
+            raise PackedError("packed", f"holds no bytes: a batch is at least one row of {width} bits")
+        if len(self.data) % per_row:
+            raise PackedError(
+                "packed",
+                f"holds {len(self.data)} bytes, not a whole number of rows of {width} bits "
+                f"({per_row} byte{'s' * (per_row > 1)} each)",
             )
         return len(self.data) // per_row
 
@@ -152,14 +177,17 @@ class Packed:
 
 
 def parse_packed(value: dict[str, Any]) -> Packed:
-    extra = sorted(set(value) - {"packed"})
+    extra = sorted(set(value) - {"packed", "width"})
     if extra:
-        raise PydanticCustomError("packed", f"unexpected field {extra[0]!r} next to packed", {"where": []})
+        raise PydanticCustomError("packed", f"unexpected field {shown(extra[0])} next to packed", {"where": []})
+    width = value.get("width")
+    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+        raise PydanticCustomError("packed", "expected a whole number of bits a row, at least 1", {"where": ["width"]})
     data = value.get("packed")
     if not isinstance(data, str):
         raise PydanticCustomError("packed", f"expected a base64 string, got {kind_of(data)}", {"where": ["packed"]})
     try:
-        return Packed(base64.b64decode(data, validate=True))
+        return Packed(base64.b64decode(data, validate=True), width)
     except binascii.Error as exc:
         raise PydanticCustomError("packed", f"not valid base64 ({exc})", {"where": ["packed"]}) from None
 

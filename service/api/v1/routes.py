@@ -19,7 +19,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from service.api.served import AnsweringDep, CoreDep
 from service.api.v1.arrays import SAFETENSORS
-from service.api.v1.bits import Packed
+from service.api.v1.bits import Packed, PackedError
 from service.api.v1.schemas import (
     AnyWidthAutoencoderDecodeRequest,
     AnyWidthAutoencoderRequest,
@@ -133,8 +133,8 @@ def decode_batch(inputs: Batch | Packed, served: Served, samples: int = 1) -> Ba
     width = served.model.input_dim
     try:
         rows = inputs.rows(width) if isinstance(inputs, Packed) else inputs.shape[0]
-    except ValueError as exc:
-        raise unprocessable(["body", "inputs", "packed"], str(exc), "packed") from None
+    except PackedError as exc:
+        raise unprocessable(["body", "inputs", exc.field], str(exc), "packed") from None
     if isinstance(inputs, Packed):
         Core.check(served, rows, samples)  # before it is unpacked (the core checks rows again)
         return inputs.unpack(width)
