@@ -11,15 +11,16 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, NoReturn
 
 from pydantic import ValidationError
 
 from service.config import ROOT_PATH, Settings, describe, settings_table
 from service.models import weights
 from service.models.encoders import Model, ModelError, seeded
+from service.server.logs import json_errors, say_error
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 
@@ -118,6 +119,59 @@ def _metrics_dir(settings: Settings, workers: int) -> Iterator[None]:
             for stale in directory.glob(pattern):
                 stale.unlink(missing_ok=True)
         yield  # the lock is released when the file closes, at exit
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line naming it (not a usage block), and serve's is a JSON
+    log line when the log format is JSON, as everything else it writes."""
+
+    json_lines = False  # main sets it for `serve` when the log format is JSON
+
+    def error(self, message: str) -> NoReturn:
+        command = self.prog.removeprefix("encoding-service").strip()
+        say_error(f"{command + ': ' if command else ''}{message} (see {self.prog} --help)", self.json_lines)
+        sys.exit(2)
+
+
+def _setting(name: str) -> Callable[[str], Any]:
+    """A flag's value checked as the setting of that name is (the same bounds, the same words)."""
+    from pydantic import TypeAdapter
+
+    field = Settings.model_fields[name]
+    adapter: TypeAdapter[Any] = TypeAdapter(Annotated[field.annotation, *field.metadata])  # type: ignore[arg-type]
+
+    def parse(text: str) -> Any:
+        try:
+            return adapter.validate_python(text)
+        except ValidationError as exc:
+            message = exc.errors(include_url=False, include_input=False)[0]["msg"]
+            raise argparse.ArgumentTypeError(f"{message[0].lower()}{message[1:]}, not {text!r}") from None
+
+    parse.__name__ = name
+    return parse
+
+
+def _number(
+    kind: type, low: float, high: float | None = None, *, open_low: bool = False, open_high: bool = False
+) -> Callable[[str], Any]:
+    """A flag's number within bounds (closed unless said open)."""
+
+    def parse(text: str) -> Any:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected {'an integer' if kind is int else 'a number'}, not {text!r}"
+            ) from None
+        below = value <= low if open_low else value < low
+        above = high is not None and (value >= high if open_high else value > high)
+        if below or above or value != value:  # NaN too
+            low_side = f"{'>' if open_low else '>='} {low:g}"
+            high_side = "" if high is None else f" and {'<' if open_high else '<='} {high:g}"
+            raise argparse.ArgumentTypeError(f"must be {low_side}{high_side}, not {text!r}")
+        return value
+
+    return parse
 
 
 def _settings(_args: argparse.Namespace, _settings: Settings) -> int:
@@ -260,7 +314,7 @@ def _plot(args: argparse.Namespace, _settings: Settings) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    root = argparse.ArgumentParser(
+    root = Parser(
         prog="encoding-service",
         description="Latent codes of binary vectors over HTTP. Settings come from ENCODER_* variables.",
     )
@@ -268,8 +322,8 @@ def parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     serve.add_argument("--host", help="address to listen on (default: ENCODER_HOST, 127.0.0.1)")
-    serve.add_argument("--port", type=int, help="port to listen on (default: ENCODER_PORT, 8000)")
-    serve.add_argument("--workers", type=int, help="worker processes (default: ENCODER_WORKERS, 1)")
+    serve.add_argument("--port", type=_setting("port"), help="port to listen on (default: ENCODER_PORT, 8000)")
+    serve.add_argument("--workers", type=_setting("workers"), help="worker processes (default: ENCODER_WORKERS, 1)")
     serve.add_argument(
         "--root-path", type=_root_path, help="path prefix a proxy in front strips (default: ENCODER_ROOT_PATH)"
     )
@@ -288,9 +342,9 @@ def parser() -> argparse.ArgumentParser:
 
     write = commands.add_parser("weights", help="write seeded weights to a .npz or .safetensors file")
     write.add_argument("out", type=Path, help="file to write; the extension picks the format")
-    write.add_argument("--seed", type=int, help="seed (default: ENCODER_SEED, 0)")
-    write.add_argument("--input-dim", type=int, help="input width (default: ENCODER_INPUT_DIM, 5)")
-    write.add_argument("--latent-dim", type=int, help="code width (default: ENCODER_LATENT_DIM, 2)")
+    write.add_argument("--seed", type=_setting("seed"), help="seed (default: ENCODER_SEED, 0)")
+    write.add_argument("--input-dim", type=_setting("input_dim"), help="input width (default: ENCODER_INPUT_DIM, 5)")
+    write.add_argument("--latent-dim", type=_setting("latent_dim"), help="code width (default: ENCODER_LATENT_DIM, 2)")
     write.set_defaults(run=_weights)
 
     fit = commands.add_parser("train", help="train both models on a file of 0/1 rows; write weights with decoders")
@@ -300,13 +354,24 @@ def parser() -> argparse.ArgumentParser:
     target.add_argument("--repository", type=Path, help="model repository to write the next version into (with --name)")
     fit.add_argument("--name", type=_name, help="the model's name in --repository")
     fit.add_argument("--report", type=Path, help="JSON report (default: the weights file's name with .json)")
-    fit.add_argument("--latent-dim", type=int, default=2, help="code width (default 2)")
-    fit.add_argument("--seed", type=int, default=0, help="seed: the same data and seed give the same weights")
-    fit.add_argument("--epochs", type=int, default=200, help="most epochs (default 200)")
-    fit.add_argument("--batch-size", type=int, default=128, help="rows a step (default 128)")
-    fit.add_argument("--lr", type=float, default=0.003, help="Adam's learning rate (default 0.003)")
-    fit.add_argument("--held-out", type=float, default=0.1, help="share of rows held out (default 0.1)")
-    fit.add_argument("--patience", type=int, default=10, help="epochs without a better held-out loss to stop")
+    fit.add_argument("--latent-dim", type=_setting("latent_dim"), default=2, help="code width (default 2)")
+    fit.add_argument(
+        "--seed", type=_setting("seed"), default=0, help="seed: the same data and seed give the same weights"
+    )
+    fit.add_argument("--epochs", type=_number(int, 1), default=200, help="most epochs, at least 1 (default 200)")
+    fit.add_argument("--batch-size", type=_number(int, 1), default=128, help="rows a step (default 128)")
+    fit.add_argument(
+        "--lr", type=_number(float, 0, 1, open_low=True), default=0.003, help="Adam's learning rate (default 0.003)"
+    )
+    fit.add_argument(
+        "--held-out",
+        type=_number(float, 0, 1, open_low=True, open_high=True),
+        default=0.1,
+        help="share of rows held out, between 0 and 1 (default 0.1)",
+    )
+    fit.add_argument(
+        "--patience", type=_number(int, 1), default=10, help="epochs without a better held-out loss to stop"
+    )
     fit.set_defaults(run=_train)
 
     draw = commands.add_parser("plot", help="draw both latent spaces to a PNG (needs matplotlib)")
@@ -314,26 +379,29 @@ def parser() -> argparse.ArgumentParser:
     draw.add_argument("--weights", type=Path, required=True, help="weights file")
     draw.add_argument("--out", type=Path, required=True, help="PNG to write")
     draw.add_argument("--labels", type=Path, help="one label a row (.npy, .csv or text), to colour by")
-    draw.add_argument("--samples", type=int, default=5, help="z samples drawn per row (default 5)")
-    draw.add_argument("--seed", type=int, default=0, help="seed of the samples")
+    draw.add_argument("--samples", type=_number(int, 1, 1000), default=5, help="z samples drawn per row (default 5)")
+    draw.add_argument("--seed", type=_setting("seed"), default=0, help="seed of the samples")
     draw.set_defaults(run=_plot)
     return root
 
 
 def main(argv: list[str] | None = None) -> int:
     command = parser()
+    words = sys.argv[1:] if argv is None else argv
+    Parser.json_lines = bool(words) and words[0] == "serve" and json_errors()  # a server's lines go to its log
     args = command.parse_args(argv)
     if args.command == "train" and (args.repository is None) != (args.name is None):
         command.error("--repository and --name go together")
+    as_json = Parser.json_lines
     try:
         settings = Settings()
     except ValidationError as exc:
-        print(f"encoding-service: invalid settings: {describe(exc)}", file=sys.stderr)
+        say_error(f"invalid settings: {describe(exc)}", as_json)
         return 2
     try:
         code: int = args.run(args, settings)
     except CommandError as exc:
-        print(f"encoding-service: {exc}", file=sys.stderr)
+        say_error(str(exc), as_json)
         return 2
     return code
 

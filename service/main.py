@@ -36,7 +36,7 @@ from service.core.metrics import Metrics, usable
 from service.core.repository import Repository, served_model
 from service.models import weights
 from service.models.encoders import ModelError, seeded
-from service.server.logs import configure_logging
+from service.server.logs import configure_logging, json_errors, say_error
 from service.web.access import Observe, RequestLog
 from service.web.auth import Keys, RequireKey
 from service.web.bodies import BodyLimit
@@ -312,7 +312,8 @@ def _from_environment() -> FastAPI:
     try:
         return create_app()
     except ValidationError as exc:
-        sys.exit(f"encoding-service: invalid settings: {describe(exc)}")
+        say_error(f"invalid settings: {describe(exc)}", json_errors())
+        sys.exit(1)
 
 
 def __getattr__(name: str) -> FastAPI:

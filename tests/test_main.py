@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -121,7 +122,6 @@ def test_importing_the_app_module_reads_configures_and_exits_nothing() -> None:
     )
     assert result.stdout == "imported\n"
     assert result.returncode == 1
-    assert (
-        result.stderr.strip()
-        == "encoding-service: invalid settings: ENCODER_SEED: Input should be greater than or equal to 0"
-    )
+    line = json.loads(result.stderr)  # one JSON line, as the server's log is by default
+    assert line["level"] == "error"
+    assert line["message"] == "invalid settings: ENCODER_SEED: Input should be greater than or equal to 0"

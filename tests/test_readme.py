@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from service.config import settings_table
@@ -88,8 +89,10 @@ def test_the_readme_stays_a_landing_page() -> None:
         assert (ROOT / link).exists(), link
 
 
-def test_the_repository_walkthrough_runs_as_a_reader_pastes_it(tmp_path: Path) -> None:
-    (script,) = [code for kind, code in blocks("docs/models.md", "Walkthrough: two models, then a third version")]
+def run_walkthrough(page: str, title: str | None, tmp_path: Path) -> str:
+    """The page's one `sh` block (of the section), run by bash as a reader pastes it, with the
+    service's commands on PATH and the server on a free port; what it printed."""
+    (script,) = [code for kind, code in blocks(page, title) if kind == "sh"]
     port = str(free_port())
     env = server_env() | {"ENCODER_PORT": port}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
@@ -102,13 +105,19 @@ def test_the_repository_walkthrough_runs_as_a_reader_pastes_it(tmp_path: Path) -
         text=True,
         timeout=300,
     )
-    assert result.returncode == 0, result.stdout + result.stderr + (tmp_path / "server.log").read_text()
-    wrote = [line for line in result.stdout.splitlines() if line.startswith("wrote models/")]
+    log = tmp_path / "server.log"
+    assert result.returncode == 0, result.stdout + result.stderr + (log.read_text() if log.exists() else "")
+    return result.stdout
+
+
+def test_the_repository_walkthrough_runs_as_a_reader_pastes_it(tmp_path: Path) -> None:
+    stdout = run_walkthrough("docs/models.md", "Walkthrough: two models, then a third version", tmp_path)
+    wrote = [line for line in stdout.splitlines() if line.startswith("wrote models/")]
     assert [line.split()[1] for line in wrote] == [
         f"models/{name}/{version}/model.safetensors"
         for name, version in (("fingerprints", 1), ("attributes", 1), ("fingerprints", 2))
     ]
-    lines = [line for line in result.stdout.splitlines() if not line.startswith("wrote ")]
+    lines = [line for line in stdout.splitlines() if not line.startswith("wrote ")]
     assert lines[0] == "[('attributes', [1]), ('fingerprints', [1])]"
     assert lines[1].strip().lower() == "x-model-version: 1"
     assert [row["version"] for row in json.loads(lines[2])] == ["1", "2"]
@@ -117,3 +126,54 @@ def test_the_repository_walkthrough_runs_as_a_reader_pastes_it(tmp_path: Path) -
         "model.safetensors",
         "report.json",
     ]
+
+
+def test_the_training_walkthrough_runs_as_a_reader_pastes_it(tmp_path: Path) -> None:
+    stdout = run_walkthrough("docs/training.md", None, tmp_path)
+    text = (ROOT / "docs/training.md").read_text()
+    trained, codes, decoded, reconstructed, plotted = stdout.splitlines()
+    assert plotted == "wrote latent.png"
+    quoted = re.search(r"held-out bit\s+accuracy ([\d.]+) \(autoencoder\), ([\d.]+) \(vae\)", text)
+    assert quoted is not None
+    assert f"accuracy {quoted[1]} (autoencoder), {quoted[2]} (vae)" in trained  # what the page says it prints
+    assert len(json.loads(codes)["codes"][0]) == 2
+    for answer in (decoded, reconstructed):
+        (row,) = json.loads(answer)["probabilities"]
+        assert len(row) == 64
+        assert all(0 <= p <= 1 for p in row)
+    assert (tmp_path / "latent.png").read_bytes().startswith(b"\x89PNG")
+
+
+def _console(page: str, command: str) -> list[str]:
+    """The lines a page shows a console command printing."""
+    text = (ROOT / page).read_text()
+    start = text.index(f"$ {command}\n") + len(command) + 3
+    return text[start : text.index("```", start)].splitlines()
+
+
+def test_api_md_shows_the_model_info_as_it_is(live: Server) -> None:
+    (shown,) = _console("docs/api.md", "curl -s localhost:8000/v1/model")
+    answer = httpx.get(f"{live.url}/v1/model").json()
+    documented = json.loads(shown)
+    assert documented.keys() == answer.keys()
+    assert {k: v for k, v in documented.items() if k != "loaded_at"} == {
+        k: v for k, v in answer.items() if k != "loaded_at"
+    }
+
+
+def test_api_md_shows_a_failed_start_as_it_is(tmp_path: Path) -> None:
+    command = 'ENCODER_WEIGHTS=missing.npz encoding-service serve; echo "exit status $?"'
+    shown = _console("docs/api.md", command)
+    env = server_env() | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    result = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    printed = (result.stderr + result.stdout).splitlines()
+
+    def comparable(line: str) -> object:  # a JSON line, but for its time and the process id
+        if not line.startswith("{"):
+            return line
+        fields = json.loads(line)
+        fields.pop("time")
+        fields["message"] = re.sub(r"\[\d+\]", "[pid]", fields["message"])
+        return fields
+
+    assert [comparable(line) for line in printed] == [comparable(line) for line in shown]

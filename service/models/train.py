@@ -207,7 +207,18 @@ def train(
     patience: int = 10,
     progress: Callable[[str], None] = lambda line: None,
 ) -> tuple[Model, dict[str, Any]]:
-    """Both models fitted to rows of 0/1 values; the model and a report (losses, accuracy, KL, time)."""
+    """Both models fitted to rows of 0/1 values; the model and a report (losses, accuracy, KL, time).
+    ValueError for options no training can honour (the command line refuses them first)."""
+    for name, value, ok in [
+        ("held_out", held_out, 0 < held_out < 1),
+        ("epochs", epochs, epochs >= 1),
+        ("batch_size", batch_size, batch_size >= 1),
+        ("patience", patience, patience >= 1),
+        ("latent_dim", latent_dim, latent_dim >= 1),
+        ("lr", lr, 0 < lr <= 1),
+    ]:
+        if not ok:
+            raise ValueError(f"{name} {value!r} is out of range")
     began = time.perf_counter()
     x = np.asarray(data, dtype=np.float64)
     n, d = x.shape

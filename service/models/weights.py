@@ -50,6 +50,8 @@ def load(path: Path) -> Model:
         raise WeightsError(path, "is a directory, not a file") from None
     except OSError as exc:
         raise WeightsError(path, f"cannot be read ({exc.strerror or exc})") from None
+    if suffix == ".npz" and not data.startswith(b"PK"):  # numpy's own message speaks of pickles
+        raise WeightsError(path, "not a valid .npz file (a .npz is a zip archive of arrays, and this is no zip)")
     try:
         if suffix == ".npz":
             with np.load(io.BytesIO(data), allow_pickle=False) as archive:

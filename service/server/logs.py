@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from datetime import UTC, datetime
 from typing import Any
@@ -30,6 +31,21 @@ class JsonFormatter(logging.Formatter):
         if record.exc_info:
             line["exception"] = self.formatException(record.exc_info)
         return orjson.dumps(line, default=str).decode()
+
+
+def json_errors() -> bool:
+    """Whether a server's errors from before its logging is set up are JSON lines: by
+    ENCODER_LOG_FORMAT, read raw (it may be the setting that is wrong), json unless it says text."""
+    return os.environ.get("ENCODER_LOG_FORMAT", "json").strip().lower() != "text"
+
+
+def say_error(message: str, as_json: bool) -> None:
+    """One line on stderr: `encoding-service: ...`, or a JSON log line like the server's own."""
+    if as_json:
+        record = logging.makeLogRecord({"name": "service.cli", "levelname": "ERROR", "levelno": 40, "msg": message})
+        print(JsonFormatter().format(record), file=sys.stderr)
+    else:
+        print(f"encoding-service: {message}", file=sys.stderr)
 
 
 def configure_logging(level: str, log_format: str = "json") -> None:

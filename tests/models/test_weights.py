@@ -66,7 +66,8 @@ def test_bad_arrays_are_refused_naming_file_and_problem(tmp_path: Path, suffix: 
 @pytest.mark.parametrize(
     ("name", "content", "problem"),
     [
-        ("w.npz", b"not a zip", "not a valid .npz file"),
+        ("w.npz", b"not a zip", "not a valid .npz file (a .npz is a zip archive of arrays, and this is no zip)"),
+        ("w.npz", b"", "not a valid .npz file (a .npz is a zip archive of arrays, and this is no zip)"),
         ("w.safetensors", b"\x08\x00\x00\x00\x00\x00\x00\x00{garbage", "not a valid .safetensors file"),
         ("w.safetensors", b"", "not a valid .safetensors file"),
         ("w.pt", b"", "unknown format '.pt', expected one of .npz, .safetensors"),
@@ -78,6 +79,9 @@ def test_unreadable_content_is_refused(tmp_path: Path, name: str, content: bytes
     path.write_bytes(content)
     with pytest.raises(weights.WeightsError, match=problem.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
         weights.load(path)
+    with pytest.raises(weights.WeightsError) as error:
+        weights.load(path)
+    assert "pickle" not in str(error.value)
 
 
 def test_missing_file_directory_and_permission_are_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
