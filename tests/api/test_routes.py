@@ -221,6 +221,7 @@ def test_packed_rows_give_the_same_answers_as_json(rows: int, width: int, seed: 
         ({"packed": "AA==", "width": 0}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
         ({"packed": "AA==", "width": "5"}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
         ({"packed": "AA==", "width": True}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
+        ({"packed": "AA==", "width": None}, ["body", "inputs", "width"], "expected a whole number of bits a row"),
         ({"packed": "not base64!"}, ["body", "inputs", "packed"], "not valid base64"),
         ({"packed": "aJA"}, ["body", "inputs", "packed"], "not valid base64"),
         ({"packed": 12}, ["body", "inputs", "packed"], "expected a base64 string, got 12"),

@@ -181,7 +181,7 @@ def parse_packed(value: dict[str, Any]) -> Packed:
     if extra:
         raise PydanticCustomError("packed", f"unexpected field {shown(extra[0])} next to packed", {"where": []})
     width = value.get("width")
-    if width is not None and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
+    if "width" in value and (isinstance(width, bool) or not isinstance(width, int) or width < 1):
         raise PydanticCustomError("packed", "expected a whole number of bits a row, at least 1", {"where": ["width"]})
     data = value.get("packed")
     if not isinstance(data, str):
