@@ -37,7 +37,7 @@ def test_a_metrics_dir_that_cannot_hold_the_counts_is_refused_in_one_line(
 ) -> None:
     (tmp_path / "a-file").write_text("")
     path = directory if directory.startswith("/") else str(tmp_path / directory)
-    result = (_serve_refused if how == "serve" else run_app)(metrics_dir=path)
+    result = _serve_refused(metrics_dir=path) if how == "serve" else run_app(metrics_dir=path)
     assert result.returncode != 0
     assert f"ENCODER_METRICS_DIR {path!r}: {problem}" in result.stderr
     assert "Traceback" not in result.stderr
