@@ -22,8 +22,6 @@ from service.models import weights
 from service.models.encoders import Model, ModelError, seeded
 from service.server.logs import json_errors, say_error
 
-STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
-
 DEFAULT_SPEC = Path("openapi/openapi.json")
 SERVER_LOCK = "server.lock"  # in ENCODER_METRICS_DIR, held by the server that counts there
 
@@ -69,10 +67,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     with _metrics_dir(settings, config.workers):
         try:
-            started = serve(config, settings.shutdown_delay)
+            return serve(config, settings.shutdown_delay)
         except KeyboardInterrupt:
             return 0
-    return 0 if started else STARTUP_FAILURE
 
 
 class CommandError(Exception):

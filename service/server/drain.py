@@ -4,22 +4,39 @@ SIGTERM that loses no request that reached it (DrainingServer)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import functools
 import logging
 import os
 import signal
 import socket
+import struct
 import time
 from types import FrameType
 
 import uvicorn
-from uvicorn.supervisors import multiprocess
 
 from service.server.flags import DRAINING
 
 logger = logging.getLogger("uvicorn.error")
 
+STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
+SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
 IN_FLIGHT = 30  # seconds the server gives requests in flight to finish once it stops (after the drain)
+
+
+def refuse_handshakes(listener: socket.socket) -> None:
+    """Have the kernel drop every packet that reaches a listening socket from now on (a socket
+    filter that keeps nothing), so that no new handshake completes into its queue while the queue
+    is accepted and the socket closed: a connection that completed in between would be reset.
+    A client whose SYN is dropped sends it again a second later and finds the socket closed:
+    refused, which a client or balancer retries elsewhere. Linux only; elsewhere, nothing."""
+    drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, return 0: keep no byte
+    program = ctypes.create_string_buffer(drop_all)
+    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len, *filter}
+    with contextlib.suppress(OSError, AttributeError):
+        listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 class DrainingServer(uvicorn.Server):
@@ -46,11 +63,19 @@ class DrainingServer(uvicorn.Server):
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: it only sets flags; on_tick, on the event loop, acts on them.
-        if sig == signal.SIGTERM and self.shutdown_delay > 0 and self.started and self.drain_until is None:
+        if sig == signal.SIGTERM and self.shutdown_delay > 0 and self.drain_until is None and not self.should_exit:
+            # Still starting, too: a worker that stopped at once would close the listening socket
+            # its siblings drain on. It drains from its first tick, never having been ready.
             self.drain_until = time.monotonic() + self.shutdown_delay
-            self.lifespan.state[DRAINING] = True  # each request's scope copies it: readiness says 503
+            if self.started:
+                self.lifespan.state[DRAINING] = True  # each request's scope copies it: readiness says 503
             return
         super().handle_exit(sig, frame)
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.drain_until is not None and self.started:  # SIGTERM came during startup
+            self.lifespan.state[DRAINING] = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_until is not None and not self.should_exit and time.monotonic() >= self.drain_until:
@@ -70,6 +95,8 @@ class DrainingServer(uvicorn.Server):
         listeners = [
             socket.socket(fileno=os.dup(sock.fileno())) for server in self.servers for sock in server.sockets or ()
         ]
+        for listener in listeners:
+            refuse_handshakes(listener)
         for server in self.servers:
             server.close()
         loop = asyncio.get_running_loop()
@@ -95,30 +122,13 @@ class DrainingServer(uvicorn.Server):
             logger.info("Accepted %d queued connection(s) before closing the listening sockets", accepted)
 
 
-class DrainingProcess(multiprocess.Process):
-    """A worker process of uvicorn's supervisor that runs a DrainingServer."""
-
-    delay = 0.0  # set before the supervisor makes its workers; each keeps its own copy
-
-    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
-        super().__init__(config, sockets)
-        self.shutdown_delay = self.delay
-
-    @property
-    def server(self) -> uvicorn.Server:
-        if self._server is None:
-            self._server = DrainingServer(self.config, self.shutdown_delay)
-        return self._server
-
-
-def serve(config: uvicorn.Config, shutdown_delay: float) -> bool:
-    """Run the server as uvicorn.run does, each worker a DrainingServer; whether it started."""
+def serve(config: uvicorn.Config, shutdown_delay: float) -> int:
+    """Run the server as uvicorn.run does, each worker a DrainingServer (several under
+    service.server.supervisor's Supervisor); the exit status."""
     if config.workers > 1:
-        # uvicorn's supervisor makes its workers with the module's own Process class.
-        DrainingProcess.delay = shutdown_delay
-        multiprocess.Process = DrainingProcess  # type: ignore[misc]
-        multiprocess.Multiprocess(config, sockets=[config.bind_socket()]).run()
-        return True
+        from service.server.supervisor import Supervisor
+
+        return Supervisor(config, shutdown_delay).run()
     server = DrainingServer(config, shutdown_delay)
     server.run()
-    return server.started
+    return 0 if server.started else STARTUP_FAILURE

@@ -1,10 +1,11 @@
-"""The uvicorn internals that service/server/protocol.py and drain.py override or call are still there.
+"""The uvicorn internals that service/server/protocol.py, drain.py and supervisor.py override or
+call are still there.
 
-service/server/protocol.py and service/server/drain.py subclass uvicorn's httptools protocol, its
-server and its supervisor's worker process, to keep deadlines, write responses in one piece and
-drain on SIGTERM. Those are not uvicorn's public API; pyproject pins uvicorn to the versions
-checked, and this test says which piece moved when a new uvicorn changes one, instead of a server
-that silently drops requests.
+protocol.py and drain.py subclass uvicorn's httptools protocol and its server, to keep deadlines,
+write responses in one piece and drain on SIGTERM; supervisor.py (the service's own supervisor of
+several workers) runs that server on a socket the config binds. Those are not uvicorn's public
+API; pyproject pins uvicorn to the versions checked, and this test says which piece moved when a
+new uvicorn changes one, instead of a server that silently drops requests.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from typing import Any
 import pytest
 import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
-from uvicorn.supervisors import multiprocess
 
 # (owner, method): its parameters, as service/server/protocol.py overrides or calls it
 SIGNATURES: dict[tuple[type, str], list[str]] = {
@@ -33,8 +33,10 @@ SIGNATURES: dict[tuple[type, str], list[str]] = {
     (uvicorn.Server, "handle_exit"): ["self", "sig", "frame"],
     (uvicorn.Server, "on_tick"): ["self", "counter"],
     (uvicorn.Server, "shutdown"): ["self", "sockets"],
-    (multiprocess.Process, "__init__"): ["self", "config", "sockets"],
-    (multiprocess.Multiprocess, "__init__"): ["self", "config", "sockets"],
+    (uvicorn.Server, "startup"): ["self", "sockets"],
+    (uvicorn.Server, "run"): ["self", "sockets"],
+    (uvicorn.Config, "bind_socket"): ["self"],
+    (uvicorn.Config, "configure_logging"): ["self"],
 }
 
 # (owner, method): what its source must still do for an override to take effect
@@ -48,9 +50,6 @@ CALLS: dict[tuple[type, str], list[str]] = {
     (uvicorn.Server, "_serve"): ["self.lifespan = ", "await self.shutdown(sockets=sockets)"],
     (uvicorn.Server, "startup"): ["app_state=self.lifespan.state", "self.servers"],
     (uvicorn.Server, "shutdown"): ["server.close()", "connection.shutdown()", "self.lifespan.shutdown()"],
-    (multiprocess.Process, "target"): ["self.server.run("],
-    (multiprocess.Process, "server"): ["self._server"],
-    (multiprocess.Multiprocess, "init_processes"): ["Process(self.config, self.sockets)"],
     (RequestResponseCycle, "__init__"): ["self.keep_alive = keep_alive", "self.response_complete = False"],
 }
 
@@ -79,10 +78,3 @@ def test_uvicorn_still_calls_what_is_overridden(owner: type, name: str) -> None:
             f"uvicorn {uvicorn.__version__}: {owner.__name__}.{name} no longer has {needle!r}; "
             "service/server/protocol.py's override may no longer take effect"
         )
-
-
-def test_supervisor_makes_workers_with_the_module_global_that_serve_replaces() -> None:
-    from service.server.drain import DrainingProcess
-
-    assert issubclass(DrainingProcess, multiprocess.Process)
-    assert "Process(" in inspect.getsource(multiprocess.Multiprocess.keep_subprocess_alive)

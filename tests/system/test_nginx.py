@@ -47,6 +47,7 @@ class Proxy:
     error_log: Path
     replicas: list[Server]
     ports: list[int]
+    settings: dict[str, str]
 
     def restart(self, index: int) -> None:
         """Roll one replica as Kubernetes would: SIGTERM, wait for it to exit, start it again, ready."""
@@ -54,7 +55,7 @@ class Proxy:
         old.process.send_signal(signal.SIGTERM)
         assert old.process.wait(timeout=60) == 0, old.output()
         old.stop()
-        self.replicas[index] = start_server(SERVE, port=self.ports[index], **REPLICA)
+        self.replicas[index] = start_server(SERVE, port=self.ports[index], **self.settings)
 
     def upstream_errors(self) -> list[str]:
         """Lines of nginx's error log about an upstream connection that broke, not just refused."""
@@ -77,21 +78,23 @@ def _config(listen: int, ports: list[int]) -> str:
     return text
 
 
-@pytest.fixture(scope="module")
-def proxy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Proxy]:
+@pytest.fixture(scope="module", params=["1", "2"], ids=lambda workers: f"{workers} worker(s)")
+def proxy(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Proxy]:
+    """nginx in front of two replicas, each with one worker, then each with two."""
+    settings = REPLICA | {"workers": request.param}
     workdir = tmp_path_factory.mktemp("nginx")
     ports = [free_port(), free_port()]
     listen = free_port()
     (workdir / "nginx.conf").write_text(_config(listen, ports))
     error_log = workdir / "error.log"
-    replicas = [start_server(SERVE, port=port, **REPLICA) for port in ports]
+    replicas = [start_server(SERVE, port=port, **settings) for port in ports]
     main = f"pid {workdir / 'nginx.pid'}; error_log {error_log} info; daemon off;"
     nginx = subprocess.Popen(
         [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", main],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    proxy = Proxy(f"http://127.0.0.1:{listen}", error_log, replicas, ports)
+    proxy = Proxy(f"http://127.0.0.1:{listen}", error_log, replicas, ports, settings)
     try:
         deadline = time.monotonic() + 20
         while True:
