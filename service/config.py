@@ -51,6 +51,19 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=16 * 1024 * 1024, ge=1)
     """Largest request body in bytes; a larger one is refused with 413 before it is read."""
 
+    max_requests_in_progress: int = Field(default=256, ge=1)
+    """Most requests a worker handles at once (probes and /metrics aside); one more is answered 503
+    with Retry-After at once."""
+
+    memory_budget: int = Field(default=256 * 1024 * 1024, ge=1024 * 1024)
+    """Bytes of request bodies a worker holds at once, each counted at 4 times its size (read,
+    parsed, made into arrays); bodies under 64 KiB are not counted. A request that does not fit
+    waits, then gets 503 with Retry-After. The default fits the manifests' 512 MiB per pod with one
+    worker: size it as (memory limit - 100 MiB - models) / workers, about."""
+
+    admission_wait: float = Field(default=5.0, ge=0, le=600)
+    """Seconds a request waits for room in ENCODER_MEMORY_BUDGET before its 503."""
+
     request_timeout: float = Field(default=30.0, gt=0)
     """Seconds a client may take to send a request's headers, and again its body: a slower body
     gets 408, slower headers a closed connection (with `encoding-service serve`)."""

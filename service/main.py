@@ -38,6 +38,7 @@ from service.models import weights
 from service.models.encoders import ModelError, seeded
 from service.server.logs import configure_logging, json_errors, say_error
 from service.web.access import Observe, RequestLog
+from service.web.admission import Admission
 from service.web.auth import Keys, RequireKey
 from service.web.bodies import BodyLimit
 from service.web.errors import (
@@ -267,6 +268,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             *cors(settings),
             *([Middleware(RequireKey, **key_options(settings))] if settings.auth_required else []),
             Middleware(BodyLimit, limit=settings.max_body_bytes),
+            Middleware(
+                Admission,
+                metrics=metrics,
+                max_in_progress=settings.max_requests_in_progress,
+                budget=settings.memory_budget,
+                wait=settings.admission_wait,
+                max_body=settings.max_body_bytes,
+            ),
         ],
         title="encoding-service",
         version=__version__,

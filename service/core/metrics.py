@@ -37,6 +37,7 @@ class Snapshot(TypedDict):
     in_flight: int
     rows: dict[str, int]
     samples: dict[str, int]
+    refused: dict[str, int]
 
 
 SNAPSHOT = TypeAdapter(Snapshot)
@@ -63,6 +64,7 @@ class Counts:
         self.in_flight = 0
         self.rows: dict[str, int] = {}  # "model|version|kind" -> rows
         self.samples: dict[str, int] = {}  # "model|version" -> samples of z
+        self.refused: dict[str, int] = {}  # reason -> requests refused with 503 (service.web.admission)
 
     def snapshot(self) -> dict[str, Any]:
         """The counts as plain data, as a worker's file holds them (Counts.add reads it back)."""
@@ -73,6 +75,7 @@ class Counts:
             "in_flight": self.in_flight,
             "rows": self.rows,
             "samples": self.samples,
+            "refused": self.refused,
         }
 
     def add(self, data: dict[str, Any], live: bool) -> None:
@@ -89,6 +92,8 @@ class Counts:
             self.rows[key] = self.rows.get(key, 0) + count
         for key, count in data["samples"].items():
             self.samples[key] = self.samples.get(key, 0) + count
+        for key, count in data["refused"].items():
+            self.refused[key] = self.refused.get(key, 0) + count
 
 
 class Metrics(Counts):
@@ -221,6 +226,15 @@ class Metrics(Counts):
             latency.add_metric([route], buckets, sum_value=in_buckets[-1])
         yield latency
         yield GaugeMetricFamily("encoder_http_requests_in_flight", "Requests being handled.", value=counts.in_flight)
+        refused = CounterMetricFamily(
+            "encoder_requests_refused",
+            "Requests answered 503 for want of room: over ENCODER_MAX_REQUESTS_IN_PROGRESS "
+            "(requests_in_progress) or, after ENCODER_ADMISSION_WAIT, the ENCODER_MEMORY_BUDGET (memory_budget).",
+            labels=["reason"],
+        )
+        for reason in ("memory_budget", "requests_in_progress"):
+            refused.add_metric([reason], counts.refused.get(reason, 0))
+        yield refused
         rows = CounterMetricFamily(
             "encoder_rows_encoded", "Rows encoded, by model, version and kind.", labels=["model", "version", "kind"]
         )

@@ -86,3 +86,19 @@ def test_the_grace_period_covers_the_drain_and_what_is_in_flight(path: Path) -> 
     delay = float(env["ENCODER_SHUTDOWN_DELAY"])
     assert delay >= 5  # endpoint removal takes seconds to reach every proxy
     assert pod["terminationGracePeriodSeconds"] > delay + IN_FLIGHT
+
+
+def _mebibytes(quantity: str) -> float:
+    units = {"Ki": 2**-10, "Mi": 1, "Gi": 2**10}
+    return float(quantity[:-2]) * units[quantity[-2:]]
+
+
+def test_the_memory_budget_fits_the_pods_memory_limit() -> None:
+    """As docs/operations.md sizes it: about 100 MiB for the process, then the budget per worker
+    (tests/system/test_memory.py measures 300 clients of 13 MiB bodies peaking near 100 + budget)."""
+    document = _load(KUBERNETES[0].parent / "deployment.yaml")
+    container = document["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    budget = int(env["ENCODER_MEMORY_BUDGET"]) / 2**20
+    workers = int(env["ENCODER_WORKERS"])
+    assert 100 + workers * budget <= _mebibytes(container["resources"]["limits"]["memory"])

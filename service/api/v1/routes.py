@@ -47,7 +47,11 @@ from service.web.errors import unprocessable
 from service.web.lean import LeanRoute
 
 NOT_READY: dict[int | str, dict[str, Any]] = {
-    503: {"model": Problem, "description": "The model is not loaded yet."},
+    503: {
+        "model": Problem,
+        "description": "The model is not loaded yet; or the server is busy (ENCODER_MAX_REQUESTS_IN_PROGRESS, "
+        "ENCODER_MEMORY_BUDGET): retry after the Retry-After header's seconds.",
+    },
 }
 CLIENT_ERRORS: dict[int | str, dict[str, Any]] = {
     200: {

@@ -27,7 +27,11 @@ ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": oip.ErrorResponse, "description": "A request the protocol or the model cannot serve."},
     404: {"model": oip.ErrorResponse, "description": "No such model, or no such version of it."},
     413: {"model": oip.ErrorResponse, "description": "A body over ENCODER_MAX_BODY_BYTES, or a batch over a limit."},
-    503: {"model": oip.ErrorResponse, "description": "No version of the model is ready (or nothing is loaded yet)."},
+    503: {
+        "model": oip.ErrorResponse,
+        "description": "No version of the model is ready (or nothing is loaded yet); or the server is busy "
+        "(ENCODER_MAX_REQUESTS_IN_PROGRESS, ENCODER_MEMORY_BUDGET): retry after the Retry-After header's seconds.",
+    },
 }
 BINARY = (
     "the JSON, `Inference-Header-Content-Length` bytes long, then the raw little-endian bytes of each "
