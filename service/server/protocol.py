@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
+import socket
 from functools import cache
 from typing import Any, Protocol, cast
 
@@ -178,8 +180,21 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         elif self._grace is not None and now - self._grace > self._watch.ticks(GRACE):
             self._grace = None
             cycle = self.cycle
-            if self._arriving is None and (cycle is None or cycle.response_complete):  # nothing unread
-                self.timeout_keep_alive_handler()
+            if self._arriving is None and (cycle is None or cycle.response_complete):  # nothing being read
+                if self._unread():  # a request came in the same tick: it is read, and answered, first
+                    self._grace = now
+                else:
+                    self.timeout_keep_alive_handler()
+
+    def _unread(self) -> bool:
+        """Whether bytes the client sent wait in the kernel, not read yet: closing the connection
+        now would answer them with a reset."""
+        try:
+            fileno = self.transport.get_extra_info("socket").fileno()
+            with socket.socket(fileno=os.dup(fileno)) as peek:
+                return bool(peek.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+        except (OSError, AttributeError, ValueError):  # nothing waiting (EAGAIN), or no socket to ask
+            return False
 
     def shutdown(self) -> None:
         """The server is stopping (uvicorn calls this on each connection). uvicorn closes an idle
