@@ -40,7 +40,6 @@ from service.server.logs import configure_logging, json_errors, say_error
 from service.web.access import Observe, RequestLog
 from service.web.admission import Admission
 from service.web.auth import Keys, RequireKey
-from service.web.bodies import BodyLimit
 from service.web.errors import (
     OneLineStartupErrors,
     StartupError,
@@ -267,7 +266,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Middleware(Observe, metrics=metrics, log=request_log),
             *cors(settings),
             *([Middleware(RequireKey, **key_options(settings))] if settings.auth_required else []),
-            Middleware(BodyLimit, limit=settings.max_body_bytes),
             Middleware(
                 Admission,
                 metrics=metrics,

@@ -22,13 +22,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from typing import Any
 
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.metrics import Metrics
 from service.core.repository import release_memory
-from service.web.errors import problem
+from service.web.errors import BodyTooLarge, problem
 from service.web.paths import route_path
 
 COST_PER_BODY_BYTE = 4  # measured: a JSON body of bits, parsed (lists of ints) and as arrays, holds ~4x its size
@@ -93,7 +92,10 @@ class Budget:
 
 
 class Admission:
-    """Requests let in within the cap on requests in progress and the memory budget, or 503."""
+    """What may come in: a body over `max_body` bytes gets 413 (at once when its Content-Length
+    says so, as it streams when it has none: the HTTP parser holds a declared body to its length);
+    then the cap on requests in progress and the memory budget, or 503. One middleware, one look
+    at the headers: a one-row request pays a counter and a comparison or two."""
 
     def __init__(
         self, app: ASGIApp, metrics: Metrics, max_in_progress: int, budget: int, wait: float, max_body: int
@@ -107,17 +109,24 @@ class Admission:
         self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or route_path(scope).startswith(UNLIMITED):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.in_progress >= self.max_in_progress:
-            await self._refuse(scope, send, "requests_in_progress", "ENCODER_MAX_REQUESTS_IN_PROGRESS")
+        length, chunked = _body_headers(scope)
+        if length is not None and length > self.max_body:
+            await self._answer(scope, send, 413, BodyTooLarge(self.max_body).detail, [(b"connection", b"close")])
             return
-        cost = _cost(scope, self.max_body)
+        if self.in_progress >= self.max_in_progress and not route_path(scope).startswith(UNLIMITED):
+            await self._refuse(scope, send, "requests_in_progress", "ENCODER_MAX_REQUESTS_IN_PROGRESS", length)
+            return
+        if length is None:  # a body may stream without one (chunked): counted as it comes
+            receive = self._counted(receive)
+        cost = COST_PER_BODY_BYTE * (self.max_body if length is None else length) if chunked or length else 0
+        cost = cost if cost >= COST_PER_BODY_BYTE * SMALL else 0
         self.in_progress += 1
         try:
             if cost and not await self.budget.acquire(cost, self.wait):
-                await self._refuse(scope, send, "memory_budget", "ENCODER_MEMORY_BUDGET")
+                await self._refuse(scope, send, "memory_budget", "ENCODER_MEMORY_BUDGET", length)
                 return
             try:
                 await self.app(scope, receive, send)
@@ -127,39 +136,46 @@ class Admission:
         finally:
             self.in_progress -= 1
 
-    async def _refuse(self, scope: Scope, send: Send, reason: str, setting: str) -> None:
+    def _counted(self, receive: Receive) -> Receive:
+        """`receive`, refusing a body without a Content-Length once it streams past the limit."""
+        received = 0
+
+        async def counted() -> Message:
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > self.max_body:
+                raise BodyTooLarge(self.max_body)  # FastAPI re-raises HTTPException from body reading
+            return message
+
+        return counted
+
+    async def _refuse(self, scope: Scope, send: Send, reason: str, setting: str, length: int | None) -> None:
         self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
-        body = problem(route_path(scope), f"the server is busy ({setting}): retry in a moment")
-        headers: list[tuple[bytes, bytes]] = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", b"1"),
-        ]
-        if _has_body(scope):
-            headers.append((b"connection", b"close"))  # its body is unread
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        headers = [(b"retry-after", b"1")]
+        if length != 0:
+            headers.append((b"connection", b"close"))  # its body, if any, is unread
+        await self._answer(scope, send, 503, f"the server is busy ({setting}): retry in a moment", headers)
+
+    async def _answer(
+        self, scope: Scope, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]
+    ) -> None:
+        body = problem(route_path(scope), detail)  # in the shape of the path's API
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
+        await send({"type": "http.response.start", "status": status, "headers": head})
         await send({"type": "http.response.body", "body": body})
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def _body_headers(scope: Scope) -> tuple[int | None, bool]:
+    """The request's Content-Length (None if absent or not a number) and whether it is chunked."""
+    length: int | None = None
+    chunked = False
     for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
-
-
-def _has_body(scope: Scope) -> bool:
-    length = _header(scope, b"content-length")
-    return _header(scope, b"transfer-encoding") is not None or (length is not None and length != b"0")
-
-
-def _cost(scope: Scope, max_body: int) -> int:
-    """What a request reserves: COST_PER_BODY_BYTE times its body (the largest allowed if unsaid)."""
-    length: Any = _header(scope, b"content-length")
-    if length is None:
-        return COST_PER_BODY_BYTE * max_body if _header(scope, b"transfer-encoding") is not None else 0
-    try:
-        size = int(length)
-    except ValueError:
-        return 0
-    return COST_PER_BODY_BYTE * size if size >= SMALL else 0
+        if key == b"content-length":
+            try:
+                length = int(value)
+            except ValueError:
+                length = None
+        elif key == b"transfer-encoding":
+            chunked = True
+    return length, chunked

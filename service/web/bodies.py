@@ -1,25 +1,15 @@
-"""Request bodies: read whole, parsed as JSON into a model, and held to a size limit."""
+"""Request bodies: read whole, and parsed as JSON into a model (service.web.admission holds them to a size limit)."""
 
 from __future__ import annotations
 
 from typing import TypeVar
 
 import orjson
-from fastapi import HTTPException, Response
+from fastapi import HTTPException
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ValidationError
 from starlette.requests import ClientDisconnect
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from service.web.errors import BodyTooLarge, problem
-from service.web.paths import route_path
-
-
-def _header(scope: Scope, name: bytes) -> bytes | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value)
-    return None
+from starlette.types import Receive
 
 
 def _is_json(content_type: bytes | None) -> bool:
@@ -59,52 +49,3 @@ async def parse_json_body(content_type: bytes | None, receive: Receive, model: t
 
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
-
-
-class BodyLimit:
-    """Refuse a request body over `limit` bytes with 413: at once when its Content-Length says so,
-    and as it streams when it has none (the HTTP parser holds a declared body to its length, so
-    only those need counting). A body that arrives too slowly is the server's business
-    (service.server.protocol: 408 after ENCODER_REQUEST_TIMEOUT)."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = _content_length(scope)
-        if declared is not None:
-            if declared <= self.limit:
-                await self.app(scope, receive, send)
-                return
-            error = BodyTooLarge(self.limit)
-            response = Response(
-                problem(route_path(scope), error.detail),
-                status_code=413,
-                media_type="application/json",
-                headers={"Connection": "close"},
-            )
-            await response(scope, receive, send)
-            return
-        received = 0
-
-        async def counted_receive() -> Message:
-            nonlocal received
-            message = await receive()
-            received += len(message.get("body", b""))
-            if received > self.limit:
-                raise BodyTooLarge(self.limit)  # FastAPI re-raises HTTPException from body reading
-            return message
-
-        await self.app(scope, counted_receive, send)
-
-
-def _content_length(scope: Scope) -> int | None:
-    value = _header(scope, b"content-length")
-    try:
-        return None if value is None else int(value)
-    except ValueError:
-        return None

@@ -52,7 +52,7 @@ class LeanRoute(APIRoute):
         "response_model_exclude_defaults": False,
         "response_model_exclude_none": False,
         "callbacks": None,  # or [], a router's
-        "max_body_size": None,  # BodyLimit (ENCODER_MAX_BODY_BYTES) limits every body
+        "max_body_size": None,  # Admission (ENCODER_MAX_BODY_BYTES) limits every body
     }
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:

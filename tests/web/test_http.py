@@ -21,7 +21,9 @@ from starlette.types import Message, Scope
 
 from service.api.v1.arrays import SAFETENSORS
 from service.api.v1.schemas import AutoencoderRequest, AutoencoderResponse
-from service.web.bodies import BodyLimit, read_body
+from service.core.metrics import Metrics
+from service.web.admission import Admission
+from service.web.bodies import read_body
 from service.web.errors import BodyTooLarge
 from service.web.lean import FastLane, LeanRoute
 from service.web.negotiation import media_ranges, negotiate, quality
@@ -195,11 +197,11 @@ def test_a_body_is_read_whole_and_a_disconnect_is_said() -> None:
         )
 
 
-def test_the_body_limit_refuses_a_declared_or_streamed_body_over_it() -> None:
+def test_admission_refuses_a_declared_or_streamed_body_over_the_limit() -> None:
     async def echo(scope: Scope, receive: Any, send: Any) -> None:
         await PlainTextResponse(await read_body(receive))(scope, receive, send)
 
-    limited = BodyLimit(echo, limit=4)
+    limited = Admission(echo, metrics=Metrics(), max_in_progress=10, budget=2**20, wait=1, max_body=4)
     for headers, status in (([(b"content-length", b"5")], 413), ([(b"content-length", b"3")], 200)):
         sent: list[Message] = []
         scope = {"type": "http", "path": "/v1/x", "headers": headers}
