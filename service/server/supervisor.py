@@ -93,6 +93,7 @@ class Worker:
     def __init__(self, config: uvicorn.Config, sock: socket.socket, shutdown_delay: float, replaces: bool) -> None:
         self.replaces = replaces  # started in place of one that died, not at the server's start
         self.ready = spawn.Event()
+        self.announced = False  # whether the supervisor has logged that it is ready
         self.process = spawn.Process(target=work, args=(config, [sock], shutdown_delay, self.ready))
         self.process.start()
 
@@ -148,6 +149,9 @@ class Supervisor:
             time.sleep(POLL)
             for index, worker in enumerate(self.workers):
                 code = worker.process.exitcode
+                if not worker.announced and worker.ready.is_set():
+                    worker.announced = True
+                    logger.info("Worker [%s] is ready", worker.process.pid)
                 if code is None or self.stopping:
                     continue
                 if not worker.ready.is_set() and not worker.replaces:
