@@ -27,7 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.metrics import Metrics
 from service.core.repository import release_memory
-from service.web.errors import BodyTooLarge, problem
+from service.web.errors import BodyTooLarge, send_problem
 from service.web.paths import route_path
 
 COST_PER_BODY_BYTE = 4  # measured: a JSON body of bits, parsed (lists of ints) and as arrays, holds ~4x its size
@@ -114,15 +114,16 @@ class Admission:
             return
         length, chunked = _body_headers(scope)
         if length is not None and length > self.max_body:
-            await self._answer(scope, send, 413, BodyTooLarge(self.max_body).detail, [(b"connection", b"close")])
+            detail = BodyTooLarge(self.max_body).detail
+            await send_problem(send, route_path(scope), 413, detail, [(b"connection", b"close")])
             return
         if self.in_progress >= self.max_in_progress and not route_path(scope).startswith(UNLIMITED):
             await self._refuse(scope, send, "requests_in_progress", "ENCODER_MAX_REQUESTS_IN_PROGRESS", length)
             return
         if length is None:  # a body may stream without one (chunked): counted as it comes
             receive = self._counted(receive)
-        cost = COST_PER_BODY_BYTE * (self.max_body if length is None else length) if chunked or length else 0
-        cost = cost if cost >= COST_PER_BODY_BYTE * SMALL else 0
+        size = self.max_body if length is None and chunked else length or 0  # what the body may hold
+        cost = COST_PER_BODY_BYTE * size if size >= SMALL else 0
         self.in_progress += 1
         try:
             if cost and not await self.budget.acquire(cost, self.wait):
@@ -155,15 +156,7 @@ class Admission:
         headers = [(b"retry-after", b"1")]
         if length != 0:
             headers.append((b"connection", b"close"))  # its body, if any, is unread
-        await self._answer(scope, send, 503, f"the server is busy ({setting}): retry in a moment", headers)
-
-    async def _answer(
-        self, scope: Scope, send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]]
-    ) -> None:
-        body = problem(route_path(scope), detail)  # in the shape of the path's API
-        head = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *headers]
-        await send({"type": "http.response.start", "status": status, "headers": head})
-        await send({"type": "http.response.body", "body": body})
+        await send_problem(send, route_path(scope), 503, f"the server is busy ({setting}): retry in a moment", headers)
 
 
 def _body_headers(scope: Scope) -> tuple[int | None, bool]:

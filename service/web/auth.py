@@ -11,7 +11,7 @@ from pathlib import Path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service.config import KEY
-from service.web.errors import problem
+from service.web.errors import send_problem
 from service.web.paths import route_path
 
 logger = logging.getLogger("service.auth")
@@ -131,20 +131,14 @@ class RequireKey:
             return
         if valid:  # a valid key, but not the one that may change what is served
             detail = "this API key may not load or unload models: that takes the admin key (ENCODER_ADMIN_API_KEY)"
-            await _refuse(send, 403, [], problem(path, detail))
+            await send_problem(send, path, 403, detail)
             return
         detail = "a valid API key is required: send Authorization: Bearer <key> (or X-API-Key: <key>)"
         challenge = b'Bearer realm="encoding-service"'
         if presented is not None:
             detail = "the API key is not valid"
             challenge += b', error="invalid_token"'
-        await _refuse(send, 401, [(b"www-authenticate", challenge)], problem(path, detail))
-
-
-async def _refuse(send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
-    headers = [(b"content-type", b"application/json"), *headers]
-    await send({"type": "http.response.start", "status": status, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
+        await send_problem(send, path, 401, detail, [(b"www-authenticate", challenge)])
 
 
 def _presented_key(scope: Scope) -> bytes | None:
