@@ -17,8 +17,9 @@ import numpy.typing as npt
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from service.core.inference import shown
+from service.core.inference import SEED_LIMIT, Core, Encoded, Served, shown
 from service.models.encoders import Batch
+from service.models.kinds import Kind
 
 DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -141,15 +142,28 @@ class Decoded:
     id: str | None = None
 
 
-def model_metadata(name: str, versions: list[str], input_dim: int, shapes: dict[str, list[int]]) -> ModelMetadata:
-    """The protocol's model metadata: one input, [rows, input_dim], and each output's shape."""
+def model_metadata(core: Core, served: Served, name: str, kinds: tuple[Kind, ...]) -> ModelMetadata:
+    """The protocol's model metadata of the model `name` stands for (Core.target): one input,
+    [rows, input_dim], each output's shape, and the model's ready versions."""
+    versions = [str(s.version) for s in core.repository.serving[served.name]]
+    shapes = {out: shape for kind in kinds for out, shape in kind.shapes(served.model.latent_dim).items()}
     return ModelMetadata(
         name=name,
         versions=versions,
         platform="numpy",
-        inputs=[MetadataTensor(name=INPUT_NAME, datatype="FP64", shape=[-1, input_dim])],
+        inputs=[MetadataTensor(name=INPUT_NAME, datatype="FP64", shape=[-1, served.model.input_dim])],
         outputs=[MetadataTensor(name=out, datatype="FP64", shape=shape) for out, shape in shapes.items()],
     )
+
+
+def infer(core: Core, served: Served, kinds: tuple[Kind, ...], decoded: Decoded) -> Encoded:
+    """Compute what a decoded request asks for: only the kinds of the outputs it wants; the VAE's
+    `samples` and `seed` from its parameters. The same for REST and gRPC."""
+    wanted = tuple(kind for kind in kinds if set(kind.outputs) & set(decoded.outputs))
+    sampled = any(kind.sampled for kind in wanted)
+    samples = integer_parameter(decoded.parameters, "samples", 1, 1, None) if sampled else 1
+    seed = integer_parameter(decoded.parameters, "seed", None, 0, SEED_LIMIT - 1) if sampled else None
+    return core.encode(served, wanted, decoded.x, samples, seed)
 
 
 def decode(body: bytes, header_length: str | None, model: str, input_dim: int, outputs: tuple[str, ...]) -> Decoded:
@@ -214,14 +228,16 @@ def _tensor(tensor: RequestInput, binary: memoryview, input_dim: int) -> tuple[B
             f"input {INPUT_NAME!r} holds {values.size} values, but its shape {tensor.shape} needs {count}"
         )
     if dtype.kind != "b" or size is not None:  # BOOL in binary: bytes, of which only 0 and 1 are bits
-        numbers = values.view(np.uint8) if dtype.kind == "b" else values
-        bad = np.flatnonzero((numbers != 0) & (numbers != 1))
-        if bad.size:
-            row, column = divmod(int(bad[0]), input_dim)
-            raise ProtocolError(
-                f"input {INPUT_NAME!r}: row {row}, column {column}: expected 0 or 1, got {numbers[bad[0]]}"
-            )
+        check_bits(values.view(np.uint8) if dtype.kind == "b" else values, input_dim)
     return values.reshape(tensor.shape), used
+
+
+def check_bits(values: npt.NDArray[Any], input_dim: int) -> None:
+    """ProtocolError naming the row and column of the first value that is not 0 or 1."""
+    bad = np.flatnonzero((values != 0) & (values != 1))
+    if bad.size:
+        row, column = divmod(int(bad[0]), input_dim)
+        raise ProtocolError(f"input {INPUT_NAME!r}: row {row}, column {column}: expected 0 or 1, got {values[bad[0]]}")
 
 
 def _json_values(data: list[Any], datatype: str) -> npt.NDArray[Any]:
@@ -242,22 +258,49 @@ def _outputs(
     request: InferenceRequest, model: str, names: tuple[str, ...], parameters: dict[str, Any]
 ) -> dict[str, tuple[bool, str]]:
     """The outputs to send: name -> (as binary, datatype)."""
+    asked = None if request.outputs is None else [(out.name, out.parameters or {}) for out in request.outputs]
+    return choose_outputs(asked, model, names, parameters)
+
+
+def choose_outputs(
+    asked: list[tuple[str, dict[str, Any]]] | None, model: str, names: tuple[str, ...], parameters: dict[str, Any]
+) -> dict[str, tuple[bool, str]]:
+    """The outputs to send, from those `asked` for (name and parameters; None: every one of
+    `names`): name -> (as binary, datatype). Each protocol (REST, gRPC) reads the same options."""
     binary_default = parameters.get("binary_data_output") is True
     default_type = parameters.get("output_datatype", "FP64")
     if default_type not in ("FP32", "FP64"):
         raise ProtocolError(f'output_datatype must be "FP32" or "FP64", got {_shown(default_type)}')
-    if request.outputs is None:
+    if asked is None:
         return {name: (binary_default, default_type) for name in names}
     chosen = {}
-    for output in request.outputs:
-        if output.name not in names:
-            raise ProtocolError(f"unknown output {shown(output.name)}; model {shown(model)} has {', '.join(names)}")
-        options = output.parameters or {}
+    for name, options in asked:
+        if name not in names:
+            raise ProtocolError(f"unknown output {shown(name)}; model {shown(model)} has {', '.join(names)}")
         datatype = options.get("datatype", default_type)
         if datatype not in ("FP32", "FP64"):
-            raise ProtocolError(f'output {output.name!r}: datatype must be "FP32" or "FP64", got {_shown(datatype)}')
-        chosen[output.name] = (options.get("binary_data", binary_default) is True, datatype)
+            raise ProtocolError(f'output {name!r}: datatype must be "FP32" or "FP64", got {_shown(datatype)}')
+        chosen[name] = (options.get("binary_data", binary_default) is True, datatype)
     return chosen
+
+
+def integer_parameter(parameters: dict[str, Any], key: str, default: int | None, low: int, high: int | None) -> Any:
+    """The integer parameter `key` (a float that is an integer counts), within [low, high]."""
+    value = parameters.get(key, default)
+    if value is None:
+        return None
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bound = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
+        got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ProtocolError(f"parameter {key!r} must be an integer with {bound}, got {got}")
+    return value
+
+
+def response_id(request_id: str | None) -> str:
+    """The response's id: the request's, or a new one (KServe's clients read one)."""
+    return request_id if request_id is not None else str(uuid.uuid4())
 
 
 def _shown(value: Any) -> str:
@@ -285,8 +328,12 @@ def encode(
         else:
             tensor["data"] = value.ravel()
         outputs.append(tensor)
-    request_id = decoded.id if decoded.id is not None else str(uuid.uuid4())  # KServe's clients read one
-    response: dict[str, Any] = {"model_name": model, "model_version": version, "id": request_id, "outputs": outputs}
+    response: dict[str, Any] = {
+        "model_name": model,
+        "model_version": version,
+        "id": response_id(decoded.id),
+        "outputs": outputs,
+    }
     if parameters:
         response["parameters"] = parameters
     header = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse
 from service import __version__
 from service.api.served import core_of
 from service.api.v2 import codec as oip
-from service.core.inference import SEED_LIMIT, Core, Served
+from service.core.inference import Core, Served
 from service.models.kinds import Kind
 from service.server.flags import ANSWERED, DRAINING
 
@@ -155,9 +155,7 @@ async def model_metadata(model_name: str, request: Request, model_version: str |
     """The model's input (`input`, [-1, input_dim]) and outputs with their datatypes and shapes, and
     its ready versions."""
     core, served, kinds = _answering(request, model_name, model_version)
-    versions = [str(s.version) for s in core.repository.serving[served.name]]
-    shapes = {name: shape for kind in kinds for name, shape in kind.shapes(served.model.latent_dim).items()}
-    return oip.model_metadata(model_name, versions, served.model.input_dim, shapes)
+    return oip.model_metadata(core, served, model_name, kinds)
 
 
 @by_model("GET", "/ready", "Model readiness")
@@ -187,24 +185,7 @@ async def infer(model_name: str, request: Request, model_version: str | None = N
     outputs = tuple(name for kind in kinds for name in kind.outputs)
     header = request.headers.get("inference-header-content-length")
     decoded = oip.decode(body, header, model_name, served.model.input_dim, outputs)
-    wanted = tuple(kind for kind in kinds if set(kind.outputs) & set(decoded.outputs))
-    sampled = any(kind.sampled for kind in wanted)
-    samples = _integer(decoded.parameters, "samples", 1, 1, None) if sampled else 1
-    seed = _integer(decoded.parameters, "seed", None, 0, SEED_LIMIT - 1) if sampled else None
-    out = core.encode(served, wanted, decoded.x, samples, seed)
+    out = oip.infer(core, served, kinds, decoded)
     parameters = {"seed": out.seed} if out.seed is not None else None
     content, headers = oip.encode(model_name, str(served.version), decoded, out.arrays, parameters)
     return Response(content, headers=headers | {name.decode(): value.decode() for name, value in served.headers})
-
-
-def _integer(parameters: dict[str, Any], key: str, default: int | None, low: int, high: int | None) -> Any:
-    value = parameters.get(key, default)
-    if value is None:
-        return None
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
-        bound = f"{low} <= {key}" + (f" <= {high}" if high is not None else "")
-        got = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
-        raise oip.ProtocolError(f"parameter {key!r} must be an integer with {bound}, got {got}")
-    return value
