@@ -20,6 +20,8 @@ STATUS: dict[str, dict[Problem, int]] = {
         Problem.OVER_LIMIT: 413,
         Problem.BAD_INPUT: 422,
         Problem.NO_DECODER: 409,
+        Problem.LOAD_FAILED: 400,
+        Problem.NOT_APPLIED: 503,
     },
     "v2": {
         Problem.NOT_FOUND: 404,
@@ -27,6 +29,8 @@ STATUS: dict[str, dict[Problem, int]] = {
         Problem.OVER_LIMIT: 413,
         Problem.BAD_INPUT: 400,
         Problem.NO_DECODER: 400,
+        Problem.LOAD_FAILED: 400,
+        Problem.NOT_APPLIED: 503,
     },
 }
 

@@ -21,7 +21,9 @@ from pathlib import Path
 
 import orjson
 
+from service.core.inference import Core, CoreError, Problem, shown
 from service.core.metrics import alive
+from service.core.repository import valid_name
 
 logger = logging.getLogger("service.repository")
 
@@ -126,3 +128,22 @@ async def every(seconds: float, action: Callable[[], Awaitable[None]], failure: 
             await action()
         except Exception:
             logger.exception("repository: %s", failure)
+
+
+async def change(core: Core, control: Control, verb: str, name: str) -> list[dict[str, str]]:
+    """Load or unload the model `name` in every worker (`verb`: "load" or "unload"); its index
+    entries after. What each protocol's load and unload call: NOT_FOUND for a model the repository
+    does not have, LOAD_FAILED when a load leaves no version ready, NOT_APPLIED when a worker
+    did not apply it in time."""
+    core.repository.check_explicit()
+    valid_name(name)
+    try:
+        await control.submit((verb, name))
+    except TimeoutError as exc:
+        raise CoreError(Problem.NOT_APPLIED, str(exc)) from None
+    if not core.repository.known(name):
+        raise CoreError(Problem.NOT_FOUND, f"no model {shown(name)} in the repository")
+    rows = [row for row in core.repository.index() if row["name"] == name]
+    if verb == "load" and not any(row["state"] == "READY" for row in rows):
+        raise CoreError(Problem.LOAD_FAILED, f"failed to load {name!r}: {core.repository.why(name)}")
+    return rows

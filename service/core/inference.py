@@ -35,6 +35,8 @@ class Problem(StrEnum):
     OVER_LIMIT = "over_limit"  # too many rows, samples, or rows x samples
     BAD_INPUT = "bad_input"  # not a batch the model takes; `where` is (row,) or (row, column)
     NO_DECODER = "no_decoder"  # the weights have no decoder for the decode and reconstruct routes
+    LOAD_FAILED = "load_failed"  # a load left no version of the model ready (the index says why)
+    NOT_APPLIED = "not_applied"  # a worker did not apply a load or unload in time
 
 
 class CoreError(Exception):

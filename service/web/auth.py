@@ -6,6 +6,8 @@ import hmac
 import logging
 import os
 import time
+from collections.abc import Iterable
+from enum import StrEnum
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -123,26 +125,42 @@ class RequireKey:
             await self.app(scope, receive, send)
             return
         keys: Keys | None = scope.get("state", {}).get("keys")  # read at startup, by the lifespan
-        presented = _presented_key(scope)
-        is_admin = presented is not None and self.admin is not None and hmac.compare_digest(self.admin, presented)
-        valid = is_admin or (presented is not None and keys is not None and keys.accepts(presented))
-        if valid and (is_admin or not administers):
+        refusal = refuse(_presented_key(scope), keys, self.admin, administers)
+        if refusal is None:
             await self.app(scope, receive, send)
-            return
-        if valid:  # a valid key, but not the one that may change what is served
-            detail = "this API key may not load or unload models: that takes the admin key (ENCODER_ADMIN_API_KEY)"
-            await send_problem(send, path, 403, detail)
-            return
-        detail = "a valid API key is required: send Authorization: Bearer <key> (or X-API-Key: <key>)"
-        challenge = b'Bearer realm="encoding-service"'
-        if presented is not None:
-            detail = "the API key is not valid"
-            challenge += b', error="invalid_token"'
-        await send_problem(send, path, 401, detail, [(b"www-authenticate", challenge)])
+        elif refusal is Refusal.NOT_ADMIN:
+            await send_problem(send, path, 403, refusal.value)
+        else:
+            challenge = b'Bearer realm="encoding-service"'
+            if refusal is Refusal.INVALID:
+                challenge += b', error="invalid_token"'
+            await send_problem(send, path, 401, refusal.value, [(b"www-authenticate", challenge)])
 
 
-def _presented_key(scope: Scope) -> bytes | None:
-    for name, value in scope["headers"]:
+class Refusal(StrEnum):
+    """Why a request's key does not let it through; each front end has a status for each."""
+
+    MISSING = "a valid API key is required: send Authorization: Bearer <key> (or X-API-Key: <key>)"
+    INVALID = "the API key is not valid"
+    NOT_ADMIN = "this API key may not load or unload models: that takes the admin key (ENCODER_ADMIN_API_KEY)"
+
+
+def refuse(presented: bytes | None, keys: Keys | None, admin: bytes | None, administers: bool) -> Refusal | None:
+    """Whether a request that `presented` a key (or none) may go on: None if it may. A request
+    that `administers` (loads or unloads) takes the admin key when there is one; any other takes
+    a key of `keys` or the admin key. Compared in constant time; never logged or echoed."""
+    is_admin = presented is not None and admin is not None and hmac.compare_digest(admin, presented)
+    valid = is_admin or (presented is not None and keys is not None and keys.accepts(presented))
+    if valid and (is_admin or not administers):
+        return None
+    if valid:  # a valid key, but not the one that may change what is served
+        return Refusal.NOT_ADMIN
+    return Refusal.MISSING if presented is None else Refusal.INVALID
+
+
+def presented_key(headers: Iterable[tuple[bytes, bytes]]) -> bytes | None:
+    """The key in `Authorization: Bearer <key>` or `X-API-Key: <key>` (header names lowercase)."""
+    for name, value in headers:
         if name == b"authorization":
             scheme, _, token = bytes(value).partition(b" ")
             if scheme.lower() == b"bearer" and token.strip():
@@ -150,3 +168,7 @@ def _presented_key(scope: Scope) -> bytes | None:
         elif name == b"x-api-key" and value:
             return bytes(value)
     return None
+
+
+def _presented_key(scope: Scope) -> bytes | None:
+    return presented_key(scope["headers"])

@@ -13,9 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, ValidationError
 from service.api.served import core_of
 from service.api.v2 import codec as oip
 from service.api.v2.codec import ErrorResponse
-from service.core.control import Control
-from service.core.inference import Core, CoreError, Problem, shown
-from service.core.repository import valid_name
+from service.core.control import Control, change
 
 repository = APIRouter(tags=["repository"])
 ERRORS: dict[int | str, dict[str, Any]] = {
@@ -104,12 +102,7 @@ async def load_model(model_name: str, request: Request) -> list[dict[str, str]]:
     """Load the model from its directory, or load it again: new versions are served, changed files
     read again, removed versions unloaded; a version whose file is bad keeps what it served. Answered
     once every worker serves the result: the model's index entries; 400 if no version is ready."""
-    core, rows = await _change(request, "load", model_name)
-    if not rows:
-        raise CoreError(Problem.NOT_FOUND, f"no model {shown(model_name)} in the repository")
-    if not any(row["state"] == "READY" for row in rows):
-        raise HTTPException(400, f"failed to load {model_name!r}: {core.repository.why(model_name)}")
-    return rows
+    return await _change(request, "load", model_name)
 
 
 @repository.post(
@@ -122,20 +115,11 @@ async def load_model(model_name: str, request: Request) -> list[dict[str, str]]:
 async def unload_model(model_name: str, request: Request) -> list[dict[str, str]]:
     """Stop serving every version of the model (requests already running finish on it); it stays
     unloaded until loaded again. Answered once every worker has unloaded it."""
-    core, rows = await _change(request, "unload", model_name)
-    if not core.repository.known(model_name):
-        raise CoreError(Problem.NOT_FOUND, f"no model {shown(model_name)} in the repository")
-    return rows
+    return await _change(request, "unload", model_name)
 
 
-async def _change(request: Request, verb: str, name: str) -> tuple[Core, list[dict[str, str]]]:
-    """Load or unload `name` in every worker; the core and the model's index entries after."""
+async def _change(request: Request, verb: str, name: str) -> list[dict[str, str]]:
+    """Load or unload `name` in every worker (service.core.control.change): its index entries after."""
     core, control = core_of(request), _control(request)
     await _read(request, ControlRequest)  # checked; nothing in it applies
-    core.repository.check_explicit()
-    valid_name(name)
-    try:
-        await control.submit((verb, name))
-    except TimeoutError as exc:
-        raise HTTPException(503, str(exc)) from None
-    return core, [row for row in core.repository.index() if row["name"] == name]
+    return await change(core, control, verb, name)
