@@ -67,7 +67,9 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     )
     with _metrics_dir(settings, config.workers):
         try:
-            return serve(config, settings.shutdown_delay)
+            grpc_port = settings.grpc_port if args.grpc_port is None else args.grpc_port
+            grpc = (config.host, grpc_port) if grpc_port else None
+            return serve(config, settings.shutdown_delay, grpc)
         except KeyboardInterrupt:
             return 0
 
@@ -320,6 +322,9 @@ def parser() -> argparse.ArgumentParser:
     serve = commands.add_parser("serve", help="run the HTTP service (uvicorn)")
     serve.add_argument("--host", help="address to listen on (default: ENCODER_HOST, 127.0.0.1)")
     serve.add_argument("--port", type=_setting("port"), help="port to listen on (default: ENCODER_PORT, 8000)")
+    serve.add_argument(
+        "--grpc-port", type=_setting("grpc_port"), help="gRPC port, 0 for none (default: ENCODER_GRPC_PORT, 8001)"
+    )
     serve.add_argument("--workers", type=_setting("workers"), help="worker processes (default: ENCODER_WORKERS, 1)")
     serve.add_argument(
         "--root-path", type=_root_path, help="path prefix a proxy in front strips (default: ENCODER_ROOT_PATH)"

@@ -121,6 +121,10 @@ class Settings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65_535)
     """Port `encoding-service serve` listens on."""
 
+    grpc_port: int = Field(default=8001, ge=0, le=65_535)
+    """Port `encoding-service serve` serves gRPC on, beside HTTP on the same host: the Open Inference
+    Protocol (inference.GRPCInferenceService), grpc.health.v1 and reflection. 0: no gRPC."""
+
     workers: int = Field(default=1, ge=1, le=64)
     """Worker processes `encoding-service serve` starts."""
 

@@ -58,6 +58,7 @@ class State(TypedDict):
     control: Control
     keys: Keys | None
     settings: Settings  # what the server's protocol reads its deadlines from
+    log: RequestLog  # where the gRPC server (service.server.rpc) counts and logs its calls too
 
 
 def key_options(settings: Settings) -> dict[str, Any]:
@@ -239,7 +240,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app, input_dim, latent_dim, settings, auth=keys is not None, admin_only=settings.admin_api_key is not None
         )
         try:
-            yield {"core": core, "control": control, "keys": keys, "settings": settings}
+            yield {"core": core, "control": control, "keys": keys, "settings": settings, "log": app.request_log}
         finally:
             for task in tasks:
                 task.cancel()

@@ -25,6 +25,16 @@ from typing_extensions import TypedDict
 
 logger = logging.getLogger("service.metrics")
 
+# gRPC calls are kept as requests are (service.api.grpc.servicer): method GRPC, the route the
+# RPC's full name, the status its code's number; the metrics give them families of their own.
+GRPC = "GRPC"
+GRPC_METHODS = ("/inference.", "/grpc.")
+CODE_NAMES = {
+    0: "OK", 1: "CANCELLED", 2: "UNKNOWN", 3: "INVALID_ARGUMENT", 4: "DEADLINE_EXCEEDED", 5: "NOT_FOUND",
+    6: "ALREADY_EXISTS", 7: "PERMISSION_DENIED", 8: "RESOURCE_EXHAUSTED", 9: "FAILED_PRECONDITION",
+    10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
+    15: "DATA_LOSS", 16: "UNAUTHENTICATED",
+}  # fmt: skip
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -130,7 +140,7 @@ class Metrics(Counts):
 
     def route(self, path: str) -> str:
         """A bounded label for a path: a known one, the docs assets, or "unmatched"."""
-        if path in self.routes:
+        if path in self.routes or path.startswith(GRPC_METHODS):  # only the service's own RPCs are counted
             return path
         if path.startswith(("/v1/models/", "/v2/models/", "/v2/repository/models/")):
             for pattern, template in self.templates:
@@ -210,21 +220,37 @@ class Metrics(Counts):
             "HTTP requests answered, by route, method and status.",
             labels=["route", "method", "status"],
         )
+        calls = CounterMetricFamily(
+            "encoder_grpc_requests",
+            "gRPC calls answered, by method (the RPC's full name) and status code.",
+            labels=["method", "code"],
+        )
         for (route, method, status), count in sorted(counts.requests.items()):
-            requests.add_metric([route, method, str(status)], count)
+            if method == GRPC:
+                calls.add_metric([route, CODE_NAMES.get(status, str(status))], count)
+            else:
+                requests.add_metric([route, method, str(status)], count)
         yield requests
+        yield calls
         latency = HistogramMetricFamily(
             "encoder_http_request_duration_seconds",
             "Time from the request's arrival to the end of its response, by route.",
             labels=["route"],
+        )
+        durations = HistogramMetricFamily(
+            "encoder_grpc_request_duration_seconds",
+            "Time from a gRPC call's arrival to its answer, by method.",
+            labels=["method"],
         )
         for route, in_buckets in sorted(counts.latency.items()):
             cumulative, buckets = 0.0, []
             for bound, in_bucket in zip([*map(str, LATENCY_BUCKETS), "+Inf"], in_buckets[:-1], strict=True):
                 cumulative += in_bucket
                 buckets.append((bound, cumulative))
-            latency.add_metric([route], buckets, sum_value=in_buckets[-1])
+            family = durations if route.startswith(GRPC_METHODS) else latency
+            family.add_metric([route], buckets, sum_value=in_buckets[-1])
         yield latency
+        yield durations
         yield GaugeMetricFamily("encoder_http_requests_in_flight", "Requests being handled.", value=counts.in_flight)
         refused = CounterMetricFamily(
             "encoder_requests_refused",

@@ -14,6 +14,7 @@ import socket
 import struct
 import time
 from types import FrameType
+from typing import Any
 
 import uvicorn
 
@@ -23,6 +24,7 @@ logger = logging.getLogger("uvicorn.error")
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
+GrpcAddress = tuple[str, int] | None  # where gRPC listens beside HTTP (host, port), if it does
 IN_FLIGHT = 30  # seconds the server gives requests in flight to finish once it stops (after the drain)
 
 
@@ -53,13 +55,18 @@ class DrainingServer(uvicorn.Server):
     2. Then the connections queued in the listening sockets are accepted and served before the
        sockets close, and each open connection stops as GuardedHttpToolsProtocol.shutdown says.
     3. uvicorn's own shutdown finishes what is in flight (up to timeout_graceful_shutdown).
+
+    gRPC (service.server.rpc), when it is served too, says NOT_SERVING from the drain's start,
+    and at its end takes no new calls and finishes those in flight, beside HTTP.
     """
 
-    def __init__(self, config: uvicorn.Config, shutdown_delay: float) -> None:
+    def __init__(self, config: uvicorn.Config, shutdown_delay: float, grpc: GrpcAddress = None) -> None:
         super().__init__(config)
         self.shutdown_delay = shutdown_delay
         self.drain_until: float | None = None
         self.drain_logged = False
+        self.grpc = grpc
+        self.rpc: Any = None  # service.server.rpc.RpcServer, once started
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         # A signal handler: it only sets flags; on_tick, on the event loop, acts on them.
@@ -74,8 +81,24 @@ class DrainingServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
+        if self.started and self.grpc is not None:
+            await self._start_grpc(*self.grpc)
         if self.drain_until is not None and self.started:  # SIGTERM came during startup
             self.lifespan.state[DRAINING] = True
+
+    async def _start_grpc(self, host: str, port: int) -> None:
+        """gRPC beside HTTP, on this event loop, once the app has started: a port it cannot listen
+        on fails the startup, as HTTP's does."""
+        from service.server.rpc import RpcServer
+
+        state = self.lifespan.state
+        self.rpc = RpcServer(host, port, state, state["log"])
+        try:
+            await self.rpc.start()
+        except OSError as exc:
+            logger.error("%s", exc)
+            self.started = False
+            self.should_exit = True
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_until is not None and not self.should_exit and time.monotonic() >= self.drain_until:
@@ -86,7 +109,10 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        await self._serve_backlog()
+        if self.rpc is not None:  # gRPC takes no new calls, and finishes those in flight, meanwhile
+            await asyncio.gather(self._serve_backlog(), self.rpc.stop(IN_FLIGHT))
+        else:
+            await self._serve_backlog()
         await super().shutdown(sockets)
 
     async def _serve_backlog(self) -> None:
@@ -122,13 +148,14 @@ class DrainingServer(uvicorn.Server):
             logger.info("Accepted %d queued connection(s) before closing the listening sockets", accepted)
 
 
-def serve(config: uvicorn.Config, shutdown_delay: float) -> int:
+def serve(config: uvicorn.Config, shutdown_delay: float, grpc: GrpcAddress = None) -> int:
     """Run the server as uvicorn.run does, each worker a DrainingServer (several under
-    service.server.supervisor's Supervisor); the exit status."""
+    service.server.supervisor's Supervisor), with gRPC on `grpc` (host, port) if given; the
+    exit status."""
     if config.workers > 1:
         from service.server.supervisor import Supervisor
 
-        return Supervisor(config, shutdown_delay).run()
-    server = DrainingServer(config, shutdown_delay)
+        return Supervisor(config, shutdown_delay, grpc).run()
+    server = DrainingServer(config, shutdown_delay, grpc)
     server.run()
     return 0 if server.started else STARTUP_FAILURE

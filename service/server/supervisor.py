@@ -41,7 +41,7 @@ from types import FrameType
 
 import uvicorn
 
-from service.server.drain import STARTUP_FAILURE, DrainingServer
+from service.server.drain import STARTUP_FAILURE, DrainingServer, GrpcAddress
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -57,8 +57,8 @@ multiprocessing.allow_connection_pickling()  # the listening socket travels to e
 class ReadyServer(DrainingServer):
     """A DrainingServer that says when its startup is complete (the supervisor's `ready`)."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_delay: float, ready: Event) -> None:
-        super().__init__(config, shutdown_delay)
+    def __init__(self, config: uvicorn.Config, shutdown_delay: float, grpc: GrpcAddress, ready: Event) -> None:
+        super().__init__(config, shutdown_delay, grpc)
         self.ready = ready
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
@@ -75,13 +75,15 @@ def _die_with_parent() -> None:
         libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
-def work(config: uvicorn.Config, sockets: list[socket.socket], shutdown_delay: float, ready: Event) -> None:
+def work(
+    config: uvicorn.Config, sockets: list[socket.socket], shutdown_delay: float, grpc: GrpcAddress, ready: Event
+) -> None:
     """A worker process: its own process group, logging as configured, a ReadyServer on the
     supervisor's socket; exit status 3 if it never started."""
     os.setpgid(0, 0)
     _die_with_parent()
     config.configure_logging()
-    server = ReadyServer(config, shutdown_delay, ready)
+    server = ReadyServer(config, shutdown_delay, grpc, ready)
     with contextlib.suppress(KeyboardInterrupt):
         server.run(sockets=sockets)
     sys.exit(0 if server.started else STARTUP_FAILURE)
@@ -90,11 +92,13 @@ def work(config: uvicorn.Config, sockets: list[socket.socket], shutdown_delay: f
 class Worker:
     """One worker process, and whether it has said it is ready."""
 
-    def __init__(self, config: uvicorn.Config, sock: socket.socket, shutdown_delay: float, replaces: bool) -> None:
+    def __init__(
+        self, config: uvicorn.Config, sock: socket.socket, shutdown_delay: float, grpc: GrpcAddress, replaces: bool
+    ) -> None:
         self.replaces = replaces  # started in place of one that died, not at the server's start
         self.ready = spawn.Event()
         self.announced = False  # whether the supervisor has logged that it is ready
-        self.process = spawn.Process(target=work, args=(config, [sock], shutdown_delay, self.ready))
+        self.process = spawn.Process(target=work, args=(config, [sock], shutdown_delay, grpc, self.ready))
         self.process.start()
 
     def signal(self, sig: int) -> None:
@@ -106,9 +110,10 @@ class Worker:
 class Supervisor:
     """Several workers on one socket; `run()` returns the exit status."""
 
-    def __init__(self, config: uvicorn.Config, shutdown_delay: float) -> None:
+    def __init__(self, config: uvicorn.Config, shutdown_delay: float, grpc: GrpcAddress = None) -> None:
         self.config = config
         self.shutdown_delay = shutdown_delay
+        self.grpc = grpc  # each worker listens on it too (SO_REUSEPORT)
         self.socket: socket.socket | None = None
         self.workers: list[Worker] = []
         self.stopping = False
@@ -126,7 +131,7 @@ class Supervisor:
 
     def start(self, replaces: bool = False) -> Worker:
         assert self.socket is not None
-        worker = Worker(self.config, self.socket, self.shutdown_delay, replaces)
+        worker = Worker(self.config, self.socket, self.shutdown_delay, self.grpc, replaces)
         logger.info("Started worker process [%s]", worker.process.pid)
         return worker
 

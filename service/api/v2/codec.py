@@ -17,6 +17,7 @@ import numpy.typing as npt
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from service import __version__
 from service.core.inference import SEED_LIMIT, Core, Encoded, Served, shown
 from service.models.encoders import Batch
 from service.models.kinds import Kind
@@ -108,6 +109,9 @@ class ServerMetadata(BaseModel):
     name: str
     version: str
     extensions: list[str]
+
+
+SERVER_METADATA = ServerMetadata(name="encoding-service", version=__version__, extensions=["binary_tensor_data"])
 
 
 class ErrorResponse(BaseModel):
@@ -311,15 +315,21 @@ def _shown(value: Any) -> str:
     return text if len(text) <= 64 else text[:64] + "..."
 
 
+def output_array(arrays: dict[str, Any], name: str, datatype: str) -> npt.NDArray[Any]:
+    """The output `name` as contiguous values of `datatype` (FP32 or FP64), checked finite."""
+    value = np.ascontiguousarray(arrays[name], dtype=DATATYPES[datatype])
+    if not np.isfinite(value).all():
+        raise ValueError(f"output {name!r} holds a non-finite number")  # proven impossible at load time
+    return value
+
+
 def encode(
     model: str, version: str, decoded: Decoded, arrays: dict[str, Any], parameters: dict[str, Any] | None = None
 ) -> tuple[bytes, dict[str, str]]:
     """The response body and its headers: JSON, then the binary outputs in order if any."""
     outputs, chunks = [], []
     for name, (binary, datatype) in decoded.outputs.items():
-        value = np.ascontiguousarray(arrays[name], dtype=DATATYPES[datatype])
-        if not np.isfinite(value).all():
-            raise ValueError(f"output {name!r} holds a non-finite number")  # proven impossible at load time
+        value = output_array(arrays, name, datatype)
         tensor: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(value.shape)}
         if binary:
             raw = value.tobytes()

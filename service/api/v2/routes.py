@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service import __version__
 from service.api.served import core_of
 from service.api.v2 import codec as oip
 from service.core.inference import Core, Served
@@ -80,7 +79,7 @@ async def protocol_error_handler(request: Request, exc: Exception) -> JSONRespon
 @v2.get("/v2", response_model=oip.ServerMetadata, summary="Server metadata")
 async def server_metadata() -> oip.ServerMetadata:
     """The server's name, version and protocol extensions (binary tensor data)."""
-    return oip.ServerMetadata(name="encoding-service", version=__version__, extensions=["binary_tensor_data"])
+    return oip.SERVER_METADATA
 
 
 # The protocol's REST spec writes the path as /v2/ too: answered, not redirected.

@@ -1,0 +1,246 @@
+"""inference.GRPCInferenceService over the inference core: each RPC translates its message, asks
+the core (service.core), and translates the answer; the core's limits, seeds and counts are the
+REST routes' own, so the same numbers come out of every door.
+
+Every call is timed, counted into /metrics and written to the access log as REST requests are
+(method "GRPC", path the RPC's full name, status its gRPC status code), and answers a mistake
+with the status the protocol's servers use (CODES, REFUSED).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import StatusCode
+
+from service.api.grpc import inference_pb2 as pb
+from service.api.grpc import inference_pb2_grpc as stubs
+from service.api.grpc import tensors
+from service.api.v2 import codec as oip
+from service.core.control import change
+from service.core.inference import Core, CoreError, Problem, Served
+from service.core.metrics import GRPC
+from service.server.flags import DRAINING
+from service.web.access import REQUEST_ID, RequestLog
+from service.web.auth import Keys, Refusal, presented_key, refuse
+
+SERVICE = "inference.GRPCInferenceService"
+
+# The status of each problem the core names (REST's are in service.api.served.STATUS).
+CODES: dict[Problem, StatusCode] = {
+    Problem.NOT_FOUND: StatusCode.NOT_FOUND,
+    Problem.NOT_READY: StatusCode.UNAVAILABLE,
+    Problem.OVER_LIMIT: StatusCode.RESOURCE_EXHAUSTED,
+    Problem.BAD_INPUT: StatusCode.INVALID_ARGUMENT,
+    Problem.NO_DECODER: StatusCode.FAILED_PRECONDITION,
+    Problem.LOAD_FAILED: StatusCode.FAILED_PRECONDITION,
+    Problem.NOT_APPLIED: StatusCode.UNAVAILABLE,
+}
+REFUSED: dict[Refusal, StatusCode] = {
+    Refusal.MISSING: StatusCode.UNAUTHENTICATED,
+    Refusal.INVALID: StatusCode.UNAUTHENTICATED,
+    Refusal.NOT_ADMIN: StatusCode.PERMISSION_DENIED,
+}
+Handler = Callable[[Any, Any, Any], Awaitable[tuple[Any, Served | None]]]
+
+
+class Failed(Exception):
+    """A call answered with a status other than OK."""
+
+    def __init__(self, code: StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..., Awaitable[Any]]]:
+    """An RPC of the service: its key checked, its mistakes given their status, the call counted
+    and logged. `handler` returns the response and the model version that answered, if any."""
+    path = f"/{SERVICE}/{name}"
+
+    def wrap(handler: Handler) -> Callable[..., Awaitable[Any]]:
+        async def call(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            started = time.perf_counter()
+            code, message, response, served = StatusCode.OK, "", None, None
+            try:
+                self.authorize(context, administers)
+                response, served = await handler(self, request, context)
+                return response
+            except Failed as exc:
+                code, message = exc.code, str(exc)
+            except CoreError as exc:
+                code, message = CODES[exc.problem], str(exc)
+            except oip.ProtocolError as exc:
+                code = StatusCode.NOT_FOUND if exc.status == 404 else StatusCode.INVALID_ARGUMENT
+                message = str(exc)
+            except asyncio.CancelledError:  # the client went away, or its deadline passed
+                code = StatusCode.CANCELLED
+                raise
+            finally:
+                size = response.ByteSize() if response is not None else 0
+                self.log_call(context, path, code, time.perf_counter() - started, size, served)
+            await context.abort(code, message)
+
+        call.__name__ = name
+        call.__doc__ = handler.__doc__
+        return call
+
+    return wrap
+
+
+class Servicer(stubs.GRPCInferenceServiceServicer):
+    """The RPCs, reading what the app's lifespan made (`state`: core, keys, control, settings) and
+    whether the server is draining (DRAINING, set there on SIGTERM)."""
+
+    def __init__(self, state: dict[str, Any], log: RequestLog) -> None:
+        self.state = state
+        self.log = log
+        settings = state["settings"]
+        self.admin = settings.admin_api_key.get_secret_value().encode() if settings.admin_api_key else None
+        self.open_api = not settings.api_keys_required
+        self.guarded = settings.auth_required
+
+    # -- around every call
+
+    def authorize(self, context: grpc.aio.ServicerContext, administers: bool) -> None:
+        """Failed (UNAUTHENTICATED, PERMISSION_DENIED) unless the call's metadata carries a key
+        that may make it: `authorization: Bearer <key>` or `x-api-key: <key>`, as REST's headers."""
+        if not self.guarded or (self.open_api and not (administers and self.admin is not None)):
+            return
+        metadata = [(key.encode(), _bytes(value)) for key, value in context.invocation_metadata() or ()]
+        keys: Keys | None = self.state.get("keys")
+        refusal = refuse(presented_key(metadata), keys, self.admin, administers and self.admin is not None)
+        if refusal is not None:
+            raise Failed(REFUSED[refusal], refusal.value)
+
+    def log_call(
+        self,
+        context: grpc.aio.ServicerContext,
+        path: str,
+        code: StatusCode,
+        seconds: float,
+        size: int,
+        served: Served | None,
+    ) -> None:
+        request_id = b""
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-request-id" and REQUEST_ID.fullmatch(_bytes(value)):
+                request_id = _bytes(value)
+        request_id = request_id or random.getrandbits(128).to_bytes(16).hex().encode()
+        self.log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served)
+
+    def core(self) -> Core:
+        core: Core | None = self.state.get("core")
+        if core is None:
+            raise Failed(StatusCode.UNAVAILABLE, "the models are not loaded yet")
+        return core
+
+    # -- the RPCs
+
+    @rpc("ServerLive")
+    async def ServerLive(self, request: Any, context: Any) -> tuple[Any, None]:
+        """Live while the server answers at all."""
+        return pb.ServerLiveResponse(live=True), None
+
+    @rpc("ServerReady")
+    async def ServerReady(self, request: Any, context: Any) -> tuple[Any, None]:
+        """Ready once the models are loaded, and not from SIGTERM on (the drain)."""
+        ready = self.state.get("core") is not None and not self.state.get(DRAINING)
+        return pb.ServerReadyResponse(ready=ready), None
+
+    @rpc("ModelReady")
+    async def ModelReady(self, request: Any, context: Any) -> tuple[Any, Served | None]:
+        """Ready when the model (or that version) is served; not ready while none of its versions
+        is; NOT_FOUND for a model or version the server does not have."""
+        core = self.core()
+        name, _ = core.target(request.name)
+        try:
+            served = core.resolve(name, request.version or None)
+        except CoreError as exc:
+            if exc.problem is not Problem.NOT_READY:
+                raise
+            return pb.ModelReadyResponse(ready=False), None
+        return pb.ModelReadyResponse(ready=True), served
+
+    @rpc("ServerMetadata")
+    async def ServerMetadata(self, request: Any, context: Any) -> tuple[Any, None]:
+        metadata = oip.SERVER_METADATA
+        return pb.ServerMetadataResponse(**metadata.model_dump()), None
+
+    @rpc("ModelMetadata")
+    async def ModelMetadata(self, request: Any, context: Any) -> tuple[Any, Served]:
+        """The model's input and outputs with their datatypes and shapes, and its ready versions."""
+        core = self.core()
+        name, kinds = core.target(request.name)
+        served = core.resolve(name, request.version or None)
+        metadata = oip.model_metadata(core, served, request.name, kinds).model_dump()
+        tensor = pb.ModelMetadataResponse.TensorMetadata
+        metadata["inputs"] = [tensor(**each) for each in metadata["inputs"]]
+        metadata["outputs"] = [tensor(**each) for each in metadata["outputs"]]
+        return pb.ModelMetadataResponse(**metadata), served
+
+    @rpc("ModelInfer")
+    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, Served]:
+        """Encode the rows of tensor `input`, as POST /v2/models/{name}/infer does, with the same
+        outputs, parameters (samples, seed) and numbers. A call whose deadline has passed is not
+        computed (DEADLINE_EXCEEDED)."""
+        core = self.core()
+        name, kinds = core.target(request.model_name)
+        served = core.resolve(name, request.model_version or None)
+        outputs = tuple(output for kind in kinds for output in kind.outputs)
+        decoded, raw = tensors.decode(request, request.model_name, served.input_dim, outputs)
+        _in_time(context)
+        out = oip.infer(core, served, kinds, decoded)
+        _in_time(context)  # computing is not interrupted; its answer is dropped once it is too late
+        response = tensors.encode(request.model_name, str(served.version), decoded, out.arrays, out.seed, raw)
+        return response, served
+
+    @rpc("RepositoryIndex")
+    async def RepositoryIndex(self, request: Any, context: Any) -> tuple[Any, None]:
+        """Every model of the repository with each version's state and, when not ready, why."""
+        rows = self.core().repository.index(ready_only=request.ready)
+        entry = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[entry(**row) for row in rows]), None
+
+    @rpc("RepositoryModelLoad", administers=True)
+    async def RepositoryModelLoad(self, request: Any, context: Any) -> tuple[Any, None]:
+        """Load the model, or load it again; answered once every worker serves the result."""
+        name = await self._change("load", request)
+        return pb.RepositoryModelLoadResponse(model_name=name, isLoaded=True), None
+
+    @rpc("RepositoryModelUnload", administers=True)
+    async def RepositoryModelUnload(self, request: Any, context: Any) -> tuple[Any, None]:
+        """Stop serving every version of the model; answered once every worker has unloaded it."""
+        name = await self._change("unload", request)
+        return pb.RepositoryModelUnloadResponse(model_name=name, isUnloaded=True), None
+
+    async def _change(self, verb: str, request: Any) -> str:
+        # Triton's clients send the name in model_name (field 2); KServe's in field 1.
+        name = request.model_name or request.repository_name
+        control = self.state.get("control")
+        if control is None:
+            raise Failed(StatusCode.UNAVAILABLE, "the models are not loaded yet")
+        await change(self.core(), control, verb, name)
+        return str(name)
+
+
+def _in_time(context: grpc.aio.ServicerContext) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise Failed(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value if isinstance(value, bytes) else value.encode()
+
+
+def _client(peer: str | None) -> tuple[str, int] | None:
+    """("127.0.0.1", 5000) from gRPC's "ipv4:127.0.0.1:5000" (or "ipv6:[::1]:5000")."""
+    if not peer or not peer.startswith(("ipv4:", "ipv6:")):
+        return None
+    host, _, port = peer[5:].rpartition(":")
+    return host.strip("[]"), int(port) if port.isdigit() else 0

@@ -1,0 +1,94 @@
+"""The gRPC server beside uvicorn's, in each worker and on its event loop: the Open Inference
+Protocol (service.api.grpc), grpc.health.v1 (what Kubernetes' gRPC probes call) and server
+reflection (what grpcurl-style tools list and call).
+
+Each worker binds ENCODER_GRPC_PORT with SO_REUSEPORT (gRPC's default on Linux): the kernel spreads
+new connections over the workers, as the workers share the HTTP socket. DrainingServer starts it
+once the app has started and stops it as it stops (service.server.drain).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+from service.api.grpc import inference_pb2, inference_pb2_grpc
+from service.api.grpc.servicer import SERVICE, Servicer
+from service.server.flags import DRAINING
+from service.web.access import RequestLog
+
+logger = logging.getLogger("uvicorn.error")
+
+HEALTH = "grpc.health.v1.Health"
+WATCH_EVERY = 0.25  # seconds between looks at the state for Health.Watch
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """SERVING once the models are loaded, NOT_SERVING before and from SIGTERM on: the service
+    ("") and the inference service alike; NOT_FOUND for any other service name."""
+
+    def __init__(self, state: dict[str, Any]) -> None:
+        self.state = state
+
+    def status(self) -> int:
+        return int(SERVING) if self.state.get("core") is not None and not self.state.get(DRAINING) else int(NOT_SERVING)
+
+    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if request.service not in ("", SERVICE):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:64]!r}")
+        return health_pb2.HealthCheckResponse(status=self.status())
+
+    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+        if request.service not in ("", SERVICE):
+            yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
+            return
+        last = None
+        while True:
+            if (status := self.status()) != last:
+                last = status
+                yield health_pb2.HealthCheckResponse(status=status)
+            await asyncio.sleep(WATCH_EVERY)
+
+
+class RpcServer:
+    """gRPC on `host:port` for the app whose lifespan `state` and request log it is given."""
+
+    def __init__(self, host: str, port: int, state: dict[str, Any], log: RequestLog) -> None:
+        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        settings = state["settings"]
+        self.server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", settings.max_body_bytes),  # RESOURCE_EXHAUSTED above it
+                ("grpc.so_reuseport", 1),
+            ],
+            maximum_concurrent_rpcs=settings.max_requests_in_progress,  # RESOURCE_EXHAUSTED above it
+        )
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state, log), self.server)  # type: ignore[no-untyped-call]
+        health_pb2_grpc.add_HealthServicer_to_server(Health(state), self.server)
+        pool = inference_pb2.DESCRIPTOR.pool  # the stubs' own (service.api.grpc), with the health's and reflection's
+        for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
+            pool.AddSerializedFile(descriptor.serialized_pb)
+        reflection.enable_server_reflection((SERVICE, HEALTH, reflection.SERVICE_NAME), self.server, pool=pool)
+
+    async def start(self) -> None:
+        """Listen, or OSError saying why not (the port is taken, the address is not this host's)."""
+        try:
+            bound = self.server.add_insecure_port(self.address)
+        except RuntimeError as exc:
+            raise OSError(f"gRPC cannot listen on {self.address}: {exc}") from None
+        if not bound:
+            raise OSError(f"gRPC cannot listen on {self.address}")
+        await self.server.start()
+        logger.info("gRPC listening on %s (ENCODER_GRPC_PORT)", self.address)
+
+    async def stop(self, grace: float) -> None:
+        """Take no new calls; give those in flight `grace` seconds to finish."""
+        await self.server.stop(grace)
