@@ -41,7 +41,7 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
-    from service.server.drain import IN_FLIGHT, serve
+    from service.server.drain import IN_FLIGHT, GrpcOptions, serve
     from service.server.logs import uvicorn_log_config
     from service.server.protocol import GuardedHttpToolsProtocol
 
@@ -68,8 +68,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with _metrics_dir(settings, config.workers):
         try:
             grpc_port = settings.grpc_port if args.grpc_port is None else args.grpc_port
-            grpc = (config.host, grpc_port) if grpc_port else None
-            return serve(config, settings.shutdown_delay, grpc)
+            grpc = GrpcOptions(config.host, grpc_port, settings.max_body_bytes, settings.max_requests_in_progress)
+            return serve(config, settings.shutdown_delay, grpc if grpc_port else None)
         except KeyboardInterrupt:
             return 0
 

@@ -80,9 +80,11 @@ def free_port() -> int:
 
 
 def server_env(**settings: str) -> dict[str, str]:
-    """The environment with no ENCODER_ variables but those given (and no drain on SIGTERM)."""
+    """The environment with no ENCODER_ variables but those given (and no drain on SIGTERM), and
+    a free port for `encoding-service serve`'s gRPC unless one is given."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
     env["ENCODER_SHUTDOWN_DELAY"] = "0"  # tests stop servers at once, unless they test the drain
+    env["ENCODER_GRPC_PORT"] = str(free_port())  # never the default 8001: servers run side by side
     env.update({f"ENCODER_{k.upper()}": v for k, v in settings.items()})
     return env
 
@@ -93,6 +95,7 @@ class Server:
     url: str
     log: IO[bytes]
     final: str | None = None  # what it wrote, once stopped
+    grpc: str = ""  # host:port of its gRPC, when `encoding-service serve` serves it
 
     def stop(self) -> int:
         """SIGTERM by PID, then SIGKILL if it lingers; the exit code."""
@@ -162,10 +165,9 @@ def start_server(
     argv = command or [sys.executable, "-m", "uvicorn", "service.main:app", "--host", "127.0.0.1", "--port", "{port}"]
     argv = [part.replace("{port}", str(port)) for part in argv]
     log = tempfile.TemporaryFile()  # noqa: SIM115 - closed by Server.stop; a file, not a pipe, never blocks
-    process = subprocess.Popen(
-        argv, cwd=ROOT, env=server_env(**settings), stdout=log if stdout else subprocess.DEVNULL, stderr=log
-    )
-    server = Server(process, f"http://127.0.0.1:{port}", log)
+    env = server_env(**settings)
+    process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log if stdout else subprocess.DEVNULL, stderr=log)
+    server = Server(process, f"http://127.0.0.1:{port}", log, grpc=f"127.0.0.1:{env['ENCODER_GRPC_PORT']}")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:

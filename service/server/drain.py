@@ -13,6 +13,7 @@ import signal
 import socket
 import struct
 import time
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -24,7 +25,19 @@ logger = logging.getLogger("uvicorn.error")
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
 SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
-GrpcAddress = tuple[str, int] | None  # where gRPC listens beside HTTP (host, port), if it does
+
+
+@dataclass(frozen=True)
+class GrpcOptions:
+    """Where gRPC listens beside HTTP, and its limits (ENCODER_MAX_BODY_BYTES, ENCODER_MAX_REQUESTS_IN_PROGRESS)."""
+
+    host: str
+    port: int
+    max_message_bytes: int
+    max_calls: int
+
+
+GrpcAddress = GrpcOptions | None
 IN_FLIGHT = 30  # seconds the server gives requests in flight to finish once it stops (after the drain)
 
 
@@ -80,25 +93,27 @@ class DrainingServer(uvicorn.Server):
         super().handle_exit(sig, frame)
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.grpc is not None and not await self._start_grpc(self.grpc):
+            return
         await super().startup(sockets)
-        if self.started and self.grpc is not None:
-            await self._start_grpc(*self.grpc)
         if self.drain_until is not None and self.started:  # SIGTERM came during startup
             self.lifespan.state[DRAINING] = True
 
-    async def _start_grpc(self, host: str, port: int) -> None:
-        """gRPC beside HTTP, on this event loop, once the app has started: a port it cannot listen
-        on fails the startup, as HTTP's does."""
+    async def _start_grpc(self, options: GrpcOptions) -> bool:
+        """gRPC beside HTTP, on this event loop, before the app starts: it answers UNAVAILABLE (and
+        health NOT_SERVING) until the models are loaded, and is listening by the time /readyz says
+        200. Whether it could listen: a port it cannot is a failed startup, as HTTP's is."""
         from service.server.rpc import RpcServer
 
-        state = self.lifespan.state
-        self.rpc = RpcServer(host, port, state, state["log"])
+        self.rpc = RpcServer(options, self.lifespan.state)
         try:
             await self.rpc.start()
         except OSError as exc:
             logger.error("%s", exc)
-            self.started = False
+            self.rpc = None
             self.should_exit = True
+            return False
+        return True
 
     async def on_tick(self, counter: int) -> bool:
         if self.drain_until is not None and not self.should_exit and time.monotonic() >= self.drain_until:

@@ -11,8 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
+
+# gRPC's core writes its own lines to stderr (not JSON): the service logs what matters itself.
+# GRPC_VERBOSITY=debug still shows them.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -20,8 +25,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2
 
 from service.api.grpc import inference_pb2, inference_pb2_grpc
 from service.api.grpc.servicer import SERVICE, Servicer
+from service.server.drain import GrpcOptions
 from service.server.flags import DRAINING
-from service.web.access import RequestLog
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -59,19 +64,20 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
 
 
 class RpcServer:
-    """gRPC on `host:port` for the app whose lifespan `state` and request log it is given."""
+    """gRPC as `options` say, for the app whose lifespan `state` it is given (filled in as the
+    app starts: until then, every call answers UNAVAILABLE)."""
 
-    def __init__(self, host: str, port: int, state: dict[str, Any], log: RequestLog) -> None:
+    def __init__(self, options: GrpcOptions, state: dict[str, Any]) -> None:
+        host, port = options.host, options.port
         self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        settings = state["settings"]
         self.server = grpc.aio.server(
             options=[
-                ("grpc.max_receive_message_length", settings.max_body_bytes),  # RESOURCE_EXHAUSTED above it
+                ("grpc.max_receive_message_length", options.max_message_bytes),  # RESOURCE_EXHAUSTED above it
                 ("grpc.so_reuseport", 1),
             ],
-            maximum_concurrent_rpcs=settings.max_requests_in_progress,  # RESOURCE_EXHAUSTED above it
+            maximum_concurrent_rpcs=options.max_calls,  # RESOURCE_EXHAUSTED above it
         )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state, log), self.server)  # type: ignore[no-untyped-call]
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), self.server)  # type: ignore[no-untyped-call]
         health_pb2_grpc.add_HealthServicer_to_server(Health(state), self.server)
         pool = inference_pb2.DESCRIPTOR.pool  # the stubs' own (service.api.grpc), with the health's and reflection's
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):

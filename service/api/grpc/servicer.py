@@ -93,27 +93,24 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
 
 
 class Servicer(stubs.GRPCInferenceServiceServicer):
-    """The RPCs, reading what the app's lifespan made (`state`: core, keys, control, settings) and
-    whether the server is draining (DRAINING, set there on SIGTERM)."""
+    """The RPCs, reading what the app's lifespan made (`state`: core, keys, control, settings,
+    log) as each call comes, and whether the server is draining (DRAINING, set there on SIGTERM)."""
 
-    def __init__(self, state: dict[str, Any], log: RequestLog) -> None:
+    def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
-        self.log = log
-        settings = state["settings"]
-        self.admin = settings.admin_api_key.get_secret_value().encode() if settings.admin_api_key else None
-        self.open_api = not settings.api_keys_required
-        self.guarded = settings.auth_required
-
-    # -- around every call
 
     def authorize(self, context: grpc.aio.ServicerContext, administers: bool) -> None:
         """Failed (UNAUTHENTICATED, PERMISSION_DENIED) unless the call's metadata carries a key
         that may make it: `authorization: Bearer <key>` or `x-api-key: <key>`, as REST's headers."""
-        if not self.guarded or (self.open_api and not (administers and self.admin is not None)):
+        settings = self.state.get("settings")
+        if settings is None or not settings.auth_required:
+            return
+        admin = settings.admin_api_key.get_secret_value().encode() if settings.admin_api_key else None
+        if not settings.api_keys_required and not (administers and admin is not None):
             return
         metadata = [(key.encode(), _bytes(value)) for key, value in context.invocation_metadata() or ()]
         keys: Keys | None = self.state.get("keys")
-        refusal = refuse(presented_key(metadata), keys, self.admin, administers and self.admin is not None)
+        refusal = refuse(presented_key(metadata), keys, admin, administers and admin is not None)
         if refusal is not None:
             raise Failed(REFUSED[refusal], refusal.value)
 
@@ -126,12 +123,15 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         size: int,
         served: Served | None,
     ) -> None:
+        log: RequestLog | None = self.state.get("log")
+        if log is None:  # before the app has started: nothing counts or logs yet
+            return
         request_id = b""
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id" and REQUEST_ID.fullmatch(_bytes(value)):
                 request_id = _bytes(value)
         request_id = request_id or random.getrandbits(128).to_bytes(16).hex().encode()
-        self.log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served)
+        log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served)
 
     def core(self) -> Core:
         core: Core | None = self.state.get("core")

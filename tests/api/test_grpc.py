@@ -1,0 +1,266 @@
+"""gRPC through `encoding-service serve`: the same numbers as REST, the protocol's status codes,
+keys, health and reflection, and the clients people use (tritonclient.grpc, KServe's), unmodified.
+
+tritonclient.grpc and kserve each put the protocol's messages into protobuf's default pool and
+cannot share a process, so each runs in a process of its own; the service's stubs keep theirs
+apart (service.api.grpc) and are used here directly."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+
+import grpc
+import httpx
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from service.api.grpc import inference_pb2 as pb
+from service.api.grpc import inference_pb2_grpc as stubs
+from tests.conftest import ROOT, Server, start_server
+
+SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
+ROWS = np.array([[0, 1, 1, 0, 1], [1, 0, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=np.int32)
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[Server]:
+    running = start_server(SERVE, api_key="k1", stdout=True)
+    try:
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(scope="module")
+def stub(server: Server) -> Iterator[stubs.GRPCInferenceServiceStub]:
+    with grpc.insecure_channel(server.grpc) as channel:
+        yield stubs.GRPCInferenceServiceStub(channel)
+
+
+KEY = (("authorization", "Bearer k1"),)
+
+
+def infer_request(model: str, rows: np.ndarray, raw: bool, **parameters: int) -> pb.ModelInferRequest:
+    request = pb.ModelInferRequest(model_name=model)
+    tensor = request.inputs.add(name="input", datatype="INT32", shape=rows.shape)
+    if raw:
+        request.raw_input_contents.append(rows.astype("<i4").tobytes())
+    else:
+        tensor.contents.int_contents.extend(rows.ravel().tolist())
+    for key, value in parameters.items():
+        request.parameters[key].int64_param = value
+    return request
+
+
+def outputs(response: pb.ModelInferResponse) -> dict[str, np.ndarray]:
+    found = {}
+    for i, tensor in enumerate(response.outputs):
+        if response.raw_output_contents:
+            values = np.frombuffer(response.raw_output_contents[i], dtype="<f8")
+        else:
+            values = np.array(tensor.contents.fp64_contents)
+        found[tensor.name] = values.reshape(list(tensor.shape))
+    return found
+
+
+def rest(server: Server, path: str, body: dict) -> dict:
+    return httpx.post(server.url + path, json=body, headers={"x-api-key": "k1"}).json()
+
+
+@pytest.mark.parametrize("raw", [True, False], ids=["raw", "typed"])
+def test_the_numbers_are_rest_s_bit_for_bit(server: Server, stub: stubs.GRPCInferenceServiceStub, raw: bool) -> None:
+    vae = stub.ModelInfer(infer_request("vae", ROWS, raw, seed=42, samples=3), metadata=KEY)
+    assert vae.model_name == "vae"
+    assert vae.model_version == "1"
+    assert vae.parameters["seed"].int64_param == 42
+    assert bool(vae.raw_output_contents) == raw
+    got = outputs(vae)
+    expected = rest(server, "/v1/vae/encode", {"inputs": ROWS.tolist(), "seed": 42, "samples": 3})
+    for name in ("mu", "log_sigma", "z", "kl"):
+        assert np.array_equal(got[name], np.array(expected[name])), name
+    codes = outputs(stub.ModelInfer(infer_request("autoencoder", ROWS, raw), metadata=KEY))["codes"]
+    assert np.array_equal(codes, np.array(rest(server, "/v1/autoencoder/encode", {"inputs": ROWS.tolist()})["codes"]))
+    both = outputs(stub.ModelInfer(infer_request("default", ROWS, raw, seed=42, samples=3), metadata=KEY))
+    assert set(both) == {"codes", "mu", "log_sigma", "z", "kl"}
+    assert np.array_equal(both["z"], got["z"])
+
+
+def test_without_a_seed_the_one_drawn_comes_back(stub: stubs.GRPCInferenceServiceStub) -> None:
+    first = stub.ModelInfer(infer_request("vae", ROWS, True), metadata=KEY)
+    seed = first.parameters["seed"].int64_param
+    again = stub.ModelInfer(infer_request("vae", ROWS, True, seed=seed), metadata=KEY)
+    assert np.array_equal(outputs(first)["z"], outputs(again)["z"])
+
+
+@pytest.mark.parametrize(
+    ("change", "code", "message"),
+    [
+        (lambda r: setattr(r, "model_name", "nope"), grpc.StatusCode.NOT_FOUND, "no model 'nope'"),
+        (lambda r: setattr(r, "model_version", "7"), grpc.StatusCode.NOT_FOUND, "no ready version '7'"),
+        (lambda r: r.inputs[0].contents.int_contents.__setitem__(7, 2), grpc.StatusCode.INVALID_ARGUMENT,
+         "row 1, column 2: expected 0 or 1, got 2"),
+        (lambda r: r.inputs[0].shape.__setitem__(1, 4), grpc.StatusCode.INVALID_ARGUMENT, "expected [rows, 5]"),
+        (lambda r: setattr(r.inputs[0], "name", "x" * 500), grpc.StatusCode.INVALID_ARGUMENT, "unknown input 'xxx"),
+        (lambda r: r.parameters["samples"].__setattr__("int64_param", 5000), grpc.StatusCode.RESOURCE_EXHAUSTED,
+         "ENCODER_MAX_SAMPLES"),
+        (lambda r: r.outputs.add(name="codes"), grpc.StatusCode.INVALID_ARGUMENT, "unknown output 'codes'"),
+    ],
+    ids=["model", "version", "bit", "width", "name", "samples", "output"],
+)  # fmt: skip
+def test_mistakes_get_the_protocol_s_codes_and_say_where(
+    stub: stubs.GRPCInferenceServiceStub, change, code: grpc.StatusCode, message: str
+) -> None:
+    request = infer_request("vae", ROWS, False)
+    change(request)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, metadata=KEY)
+    assert caught.value.code() == code
+    assert message in caught.value.details()
+    assert len(caught.value.details()) < 300
+
+
+def test_keys_as_rest_s_in_metadata(stub: stubs.GRPCInferenceServiceStub) -> None:
+    for metadata in ((), (("authorization", "Bearer nope"),)):
+        with pytest.raises(grpc.RpcError) as caught:
+            stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata)
+        assert caught.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert stub.ServerMetadata(pb.ServerMetadataRequest(), metadata=(("x-api-key", "k1"),)).name == "encoding-service"
+
+
+def test_a_message_over_the_body_limit_is_refused(server: Server, stub: stubs.GRPCInferenceServiceStub) -> None:
+    big = np.zeros((20_000, 5), dtype=np.int32)  # 400 kB raw; the server's limit is 16 MiB: fine
+    assert stub.ModelInfer(infer_request("autoencoder", big[:9000], True), metadata=KEY).outputs
+    request = infer_request("autoencoder", np.zeros((1, 5), dtype=np.int32), True)
+    request.id = "x" * (17 * 1024 * 1024)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(request, metadata=KEY)
+    assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_a_call_past_its_deadline_is_not_computed(stub: stubs.GRPCInferenceServiceStub) -> None:
+    rows = np.ones((10_000, 5), dtype=np.int32)
+    with pytest.raises(grpc.RpcError) as caught:
+        stub.ModelInfer(infer_request("vae", rows, True, samples=10), metadata=KEY, timeout=0.0005)
+    assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def test_health_and_reflection_are_open(server: Server) -> None:
+    with grpc.insecure_channel(server.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "inference.GRPCInferenceService"):
+            status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as caught:
+            health.Check(health_pb2.HealthCheckRequest(service="other"))
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        ask = [reflection_pb2.ServerReflectionRequest(list_services="")]
+        (answer,) = list(reflection.ServerReflectionInfo(iter(ask)))
+        names = {service.name for service in answer.list_services_response.service}
+        assert {"inference.GRPCInferenceService", "grpc.health.v1.Health"} <= names
+        ask = [reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")]
+        (answer,) = list(reflection.ServerReflectionInfo(iter(ask)))
+        assert answer.file_descriptor_response.file_descriptor_proto
+
+
+def test_calls_are_logged_and_counted(server: Server, stub: stubs.GRPCInferenceServiceStub) -> None:
+    stub.ModelInfer(infer_request("vae", ROWS, True), metadata=(*KEY, ("x-request-id", "grpc-call-1")))
+    metrics = httpx.get(server.url + "/metrics").text
+    assert 'encoder_grpc_requests_total{code="OK",method="/inference.GRPCInferenceService/ModelInfer"}' in metrics
+    assert 'encoder_grpc_request_duration_seconds_count{method="/inference.GRPCInferenceService/ModelInfer"}' in metrics
+    lines = [json.loads(line) for line in server.output().splitlines() if "grpc-call-1" in line]
+    assert lines, server.output()[-2000:]
+    assert lines[0] | {"time": "", "duration_ms": 0} == lines[0] | {
+        "time": "",
+        "duration_ms": 0,
+        "method": "GRPC",
+        "path": "/inference.GRPCInferenceService/ModelInfer",
+        "status": 0,
+        "model": "default",
+        "version": 1,
+    }
+
+
+def run_client(code: str, server: Server) -> dict:
+    """A client script in a process of its own; the JSON it prints."""
+    script = textwrap.dedent(code).replace("ADDRESS", server.grpc)
+    result = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_tritonclient_grpc_sync_and_aio(server: Server) -> None:
+    got = run_client(
+        """
+        import asyncio, json
+        import numpy as np
+        import tritonclient.grpc as triton
+        import tritonclient.grpc.aio as aio
+
+        rows = np.array(ROWS, dtype=np.uint8)
+        headers = {"authorization": "Bearer k1"}
+        client = triton.InferenceServerClient("ADDRESS")
+        tensor = triton.InferInput("input", list(rows.shape), "UINT8")
+        tensor.set_data_from_numpy(rows)
+        result = client.infer("vae", [tensor], parameters={"seed": 42, "samples": 3}, headers=headers)
+        index = client.get_model_repository_index(headers=headers, as_json=True)
+
+        async def other():
+            async with aio.InferenceServerClient("ADDRESS") as client:
+                tensor = aio.InferInput("input", list(rows.shape), "UINT8")
+                tensor.set_data_from_numpy(rows)
+                result = await client.infer("autoencoder", [tensor], headers=headers, model_version="1")
+                live = await client.is_server_live(headers=headers)
+                ready = await client.is_model_ready("vae", headers=headers)
+                return live, ready, result.as_numpy("codes").tolist()
+
+        live, ready, codes = asyncio.run(other())
+        print(json.dumps({"z": result.as_numpy("z").tolist(), "live": live, "ready": ready, "codes": codes,
+                          "meta": client.get_model_metadata("vae", headers=headers, as_json=True)["inputs"],
+                          "index": index}))
+        """.replace("ROWS", repr(ROWS.tolist())),
+        server,
+    )
+    expected = rest(server, "/v1/vae/encode", {"inputs": ROWS.tolist(), "seed": 42, "samples": 3})
+    assert got["z"] == expected["z"]
+    assert got["codes"] == rest(server, "/v1/autoencoder/encode", {"inputs": ROWS.tolist()})["codes"]
+    assert (got["live"], got["ready"]) == (True, True)
+    assert got["meta"] == [{"name": "input", "datatype": "FP64", "shape": ["-1", "5"]}]
+    assert got["index"] == {"models": [{"name": "default", "version": "1", "state": "READY"}]}
+
+
+def test_kserve_grpc_client(server: Server) -> None:
+    got = run_client(
+        """
+        import asyncio, json
+        import numpy as np
+        from kserve import InferenceGRPCClient, InferInput, InferRequest
+
+        async def main():
+            client = InferenceGRPCClient("ADDRESS", timeout=30)
+            tensor = InferInput("input", [3, 5], "INT64")
+            tensor.set_data_from_numpy(np.array(ROWS))
+            request = InferRequest(model_name="vae", infer_inputs=[tensor], parameters={"seed": 42})
+            response = await client.infer(request, headers=(("x-api-key", "k1"),))
+            ready = await client.is_model_ready("autoencoder", headers=(("x-api-key", "k1"),))
+            await client.close()
+            return {output.name: output.as_numpy().tolist() for output in response.outputs}, ready
+
+        outputs, ready = asyncio.run(main())
+        print(json.dumps({"outputs": outputs, "ready": ready}))
+        """.replace("ROWS", repr(ROWS.tolist())),
+        server,
+    )
+    expected = rest(server, "/v1/vae/encode", {"inputs": ROWS.tolist(), "seed": 42})
+    assert got["ready"] is True
+    assert {name: got["outputs"][name] for name in ("mu", "log_sigma", "z", "kl")} == {
+        name: expected[name] for name in ("mu", "log_sigma", "z", "kl")
+    }
