@@ -9,13 +9,14 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from service.config import settings_table
-from tests.conftest import ROOT, Server, free_port, server_env
+from tests.conftest import ROOT, Server, free_port, server_env, start_server
 
 BLOCK = re.compile(r"^```(\w+)\n(.*?)^```$", re.MULTILINE | re.DOTALL)
 # Where examples run: a page, and the section of it (None: all of it).
@@ -42,9 +43,19 @@ def test_the_clients_page_has_each_kind_of_client() -> None:
     assert {kind for kind, _ in blocks("docs/clients.md", None)} == {"console", "python", "sh"}
 
 
+@pytest.fixture(scope="module")
+def serving() -> Iterator[Server]:
+    """`encoding-service serve`, as the pages' readers run it: HTTP and gRPC."""
+    server = start_server([sys.executable, "-m", "service.cli", "serve", "--port", "{port}"])
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize(("page", "title"), EXAMPLES)
-def test_every_example_runs(live: Server, tmp_path: Path, page: str, title: str | None) -> None:
-    address = live.url.removeprefix("http://")
+def test_every_example_runs(serving: Server, tmp_path: Path, page: str, title: str | None) -> None:
+    address = serving.url.removeprefix("http://")
     env = os.environ | {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT), str(tmp_path)])
 
@@ -56,6 +67,7 @@ def test_every_example_runs(live: Server, tmp_path: Path, page: str, title: str 
     ran = 0
     for kind, code in blocks(page, title):
         code = code.replace("127.0.0.1:8000", address).replace("localhost:8000", address)
+        code = code.replace("127.0.0.1:8001", serving.grpc)
         if kind == "console":  # `$ command` lines, each followed by exactly what it prints
             for command, expected in re.findall(r"^\$ (.*)\n((?:(?!\$ ).*\n)*)", code, re.MULTILINE):
                 assert run(shlex.split(command)).strip() == expected.strip(), command
@@ -72,7 +84,7 @@ def test_every_example_runs(live: Server, tmp_path: Path, page: str, title: str 
 def test_examples_name_only_the_address_the_test_replaces(page: str, title: str | None) -> None:
     for _, code in blocks(page, title):
         for address in re.findall(r"(?:127\.0\.0\.1|localhost):\d+", code):
-            assert address in ("127.0.0.1:8000", "localhost:8000"), address
+            assert address in ("127.0.0.1:8000", "localhost:8000", "127.0.0.1:8001"), address
 
 
 def test_the_readme_settings_table_is_made_from_the_settings() -> None:
@@ -174,6 +186,7 @@ def test_api_md_shows_a_failed_start_as_it_is(tmp_path: Path) -> None:
         fields = json.loads(line)
         fields.pop("time")
         fields["message"] = re.sub(r"\[\d+\]", "[pid]", fields["message"])
+        fields["message"] = re.sub(r"127\.0\.0\.1:\d+", "127.0.0.1:port", fields["message"])
         return fields
 
     assert [comparable(line) for line in printed] == [comparable(line) for line in shown]

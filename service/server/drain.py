@@ -95,7 +95,12 @@ class DrainingServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         if self.grpc is not None and not await self._start_grpc(self.grpc):
             return
-        await super().startup(sockets)
+        try:
+            await super().startup(sockets)  # SystemExit when the app cannot start
+        finally:
+            if not self.started and self.rpc is not None:  # then gRPC stops too, on this loop
+                await self.rpc.stop(0)
+                self.rpc = None
         if self.drain_until is not None and self.started:  # SIGTERM came during startup
             self.lifespan.state[DRAINING] = True
 

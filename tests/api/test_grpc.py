@@ -8,9 +8,11 @@ apart (service.api.grpc) and are used here directly."""
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -264,3 +266,23 @@ def test_kserve_grpc_client(server: Server) -> None:
     assert {name: got["outputs"][name] for name in ("mu", "log_sigma", "z", "kl")} == {
         name: expected[name] for name in ("mu", "log_sigma", "z", "kl")
     }
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_says_not_serving_at_once_and_serves_through_the_drain(workers: str) -> None:
+    draining = start_server(SERVE, shutdown_delay="3", workers=workers)
+    try:
+        with grpc.insecure_channel(draining.grpc) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            inference = stubs.GRPCInferenceServiceStub(channel)
+            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            draining.process.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 1
+            while health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
+                assert time.monotonic() < deadline, "still SERVING a second after SIGTERM"
+                time.sleep(0.05)
+            assert not inference.ServerReady(pb.ServerReadyRequest()).ready
+            assert outputs(inference.ModelInfer(infer_request("autoencoder", ROWS, True)))["codes"].shape == (3, 2)
+        assert draining.process.wait(timeout=30) == 0
+    finally:
+        draining.stop()
