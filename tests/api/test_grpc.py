@@ -14,6 +14,7 @@ import sys
 import textwrap
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import httpx
@@ -24,6 +25,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from service.api.grpc import inference_pb2 as pb
 from service.api.grpc import inference_pb2_grpc as stubs
+from service.models import weights
+from service.models.encoders import seeded
 from tests.conftest import ROOT, Server, start_server
 
 SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
@@ -286,3 +289,40 @@ def test_sigterm_says_not_serving_at_once_and_serves_through_the_drain(workers: 
         assert draining.process.wait(timeout=30) == 0
     finally:
         draining.stop()
+
+
+def test_the_repository_over_grpc_with_the_admin_key(tmp_path: Path) -> None:
+    first, second = seeded(1, 5, 2), seeded(2, 5, 2)
+    for version, model in ((1, first), (2, second)):
+        (tmp_path / "m" / str(version)).mkdir(parents=True)
+        weights.save(model, tmp_path / "m" / str(version) / "model.safetensors")
+    server = start_server(SERVE, model_repository=str(tmp_path), api_key="k1", admin_api_key="admin")
+    admin = (("authorization", "Bearer admin"),)
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = stubs.GRPCInferenceServiceStub(channel)
+            index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=KEY)
+            assert [(m.name, m.version, m.state) for m in index.models] == [("m", "1", "READY"), ("m", "2", "READY")]
+            request = infer_request("m", ROWS, True)
+            request.model_version = "1"
+            codes = outputs(stub.ModelInfer(request, metadata=KEY))["codes"]
+            assert np.array_equal(codes, np.maximum(ROWS @ first.ae_weight + first.ae_bias, 0.0))
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="m"), metadata=KEY)
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            unloaded = stub.RepositoryModelUnload(pb.RepositoryModelUnloadRequest(model_name="m"), metadata=admin)
+            assert (unloaded.model_name, unloaded.isUnloaded) == ("m", True)
+            assert not stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), metadata=KEY).models
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(infer_request("m", ROWS, True), metadata=KEY)
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+            # KServe's clients send the model's name as field 1 (Triton's repository_name)
+            loaded = stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(repository_name="m"), metadata=admin)
+            assert (loaded.model_name, loaded.isLoaded) == ("m", True)
+            assert stub.ModelInfer(infer_request("m", ROWS, True), metadata=KEY).model_version == "2"
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="../etc"), metadata=admin)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert "is not a model name" in caught.value.details()
+    finally:
+        server.stop()
