@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -324,5 +325,15 @@ def test_the_repository_over_grpc_with_the_admin_key(tmp_path: Path) -> None:
                 stub.RepositoryModelLoad(pb.RepositoryModelLoadRequest(model_name="../etc"), metadata=admin)
             assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert "is not a model name" in caught.value.details()
+    finally:
+        server.stop()
+
+
+def test_plain_uvicorn_serves_no_grpc() -> None:
+    server = start_server()  # uvicorn service.main:app, with ENCODER_GRPC_PORT set all the same
+    try:
+        host, port = server.grpc.split(":")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection((host, int(port)), timeout=5).close()
     finally:
         server.stop()
