@@ -60,7 +60,7 @@ def test_the_pieces_fit_together() -> None:
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    exposed = re.search(r"^EXPOSE (\d+)$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)
+    exposed = re.search(r"^EXPOSE (\d+) 8001$", (ROOT / "Dockerfile").read_text(), re.MULTILINE)  # HTTP, gRPC
     assert exposed is not None
     assert container["ports"][0]["containerPort"] == int(exposed.group(1))
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
