@@ -135,6 +135,12 @@ class Core:
         kind = KINDS.get(name)
         return (DEFAULT, (kind,)) if kind is not None else (name, tuple(KINDS.values()))
 
+    def answering(self, served_name: str, version: str | None) -> tuple[Served, tuple[Kind, ...]]:
+        """The version that answers for a served name (`target`), and which of its kinds: what
+        the protocol's routes and RPCs ask first."""
+        name, kinds = self.target(served_name)
+        return self.resolve(name, version), kinds
+
     def resolve(self, name: str | None, version: str | int | None) -> Served:
         """The named model (the default one for None) at `version`, or its highest ready version."""
         if version is None and (latest := self.repository.latest.get(name)) is not None:

@@ -200,4 +200,9 @@ def _request_id(scope: Scope) -> bytes:
     for name, value in scope["headers"]:
         if name == b"x-request-id" and REQUEST_ID.fullmatch(value):
             return bytes(value)
+    return new_request_id()
+
+
+def new_request_id() -> bytes:
+    """An id for a request that sent none (REST and gRPC alike)."""
     return random.getrandbits(128).to_bytes(16).hex().encode()  # an id, not a secret: no syscall for it

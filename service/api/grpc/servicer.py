@@ -10,7 +10,6 @@ with the status the protocol's servers use (CODES, REFUSED).
 from __future__ import annotations
 
 import asyncio
-import random
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -26,7 +25,7 @@ from service.core.control import change
 from service.core.inference import Core, CoreError, Problem, Served
 from service.core.metrics import GRPC
 from service.server.flags import DRAINING
-from service.web.access import REQUEST_ID, RequestLog
+from service.web.access import REQUEST_ID, RequestLog, new_request_id
 from service.web.auth import Keys, Refusal, presented_key, refuse
 
 SERVICE = "inference.GRPCInferenceService"
@@ -130,7 +129,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         for key, value in context.invocation_metadata() or ():
             if key == "x-request-id" and REQUEST_ID.fullmatch(_bytes(value)):
                 request_id = _bytes(value)
-        request_id = request_id or random.getrandbits(128).to_bytes(16).hex().encode()
+        request_id = request_id or new_request_id()
         log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served)
 
     def core(self) -> Core:
@@ -156,10 +155,8 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
     async def ModelReady(self, request: Any, context: Any) -> tuple[Any, Served | None]:
         """Ready when the model (or that version) is served; not ready while none of its versions
         is; NOT_FOUND for a model or version the server does not have."""
-        core = self.core()
-        name, _ = core.target(request.name)
         try:
-            served = core.resolve(name, request.version or None)
+            served, _ = self.core().answering(request.name, request.version or None)
         except CoreError as exc:
             if exc.problem is not Problem.NOT_READY:
                 raise
@@ -175,8 +172,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
     async def ModelMetadata(self, request: Any, context: Any) -> tuple[Any, Served]:
         """The model's input and outputs with their datatypes and shapes, and its ready versions."""
         core = self.core()
-        name, kinds = core.target(request.name)
-        served = core.resolve(name, request.version or None)
+        served, kinds = core.answering(request.name, request.version or None)
         metadata = oip.model_metadata(core, served, request.name, kinds).model_dump()
         tensor = pb.ModelMetadataResponse.TensorMetadata
         metadata["inputs"] = [tensor(**each) for each in metadata["inputs"]]
@@ -189,8 +185,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         outputs, parameters (samples, seed) and numbers. A call whose deadline has passed is not
         computed (DEADLINE_EXCEEDED)."""
         core = self.core()
-        name, kinds = core.target(request.model_name)
-        served = core.resolve(name, request.model_version or None)
+        served, kinds = core.answering(request.model_name, request.model_version or None)
         outputs = tuple(output for kind in kinds for output in kind.outputs)
         decoded, raw = tensors.decode(request, request.model_name, served.input_dim, outputs)
         _in_time(context)

@@ -104,8 +104,7 @@ async def server_ready(request: Request) -> JSONResponse:
 def _answering(request: Request, model_name: str, model_version: str | None) -> tuple[Core, Served, tuple[Kind, ...]]:
     """The core, the version that answers and which of its kinds the name stands for (Core.target)."""
     core = core_of(request)
-    name, kinds = core.target(model_name)
-    served = core.resolve(name, model_version)
+    served, kinds = core.answering(model_name, model_version)
     request.scope[ANSWERED] = served
     return core, served, kinds
 
