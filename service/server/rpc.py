@@ -10,6 +10,7 @@ once the app has started and stops it as it stops (service.server.drain).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import AsyncIterator
@@ -31,36 +32,45 @@ from service.server.flags import DRAINING
 logger = logging.getLogger("uvicorn.error")
 
 HEALTH = "grpc.health.v1.Health"
+LIVENESS = "liveness"  # the health service name that says SERVING while the process runs, as /healthz
 WATCH_EVERY = 0.25  # seconds between looks at the state for Health.Watch
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
-    """SERVING once the models are loaded, NOT_SERVING before and from SIGTERM on: the service
-    ("") and the inference service alike; NOT_FOUND for any other service name."""
+    """grpc.health.v1 as the HTTP probes answer: the service ("") and the inference service are
+    SERVING once the models are loaded and NOT_SERVING before and from SIGTERM on, as /readyz;
+    "liveness" is SERVING while the process runs, draining included, as /healthz; NOT_FOUND for
+    any other name. A Watch ends when the server stops, so that it never holds up the stop."""
 
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
+        self.stopping = asyncio.Event()
 
-    def status(self) -> int:
+    def status(self, service: str) -> int | None:
+        if service == LIVENESS:
+            return int(SERVING)
+        if service not in ("", SERVICE):
+            return None
         return int(SERVING) if self.state.get("core") is not None and not self.state.get(DRAINING) else int(NOT_SERVING)
 
     async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        if request.service not in ("", SERVICE):
+        if (status := self.status(request.service)) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:64]!r}")
-        return health_pb2.HealthCheckResponse(status=self.status())
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
-        if request.service not in ("", SERVICE):
+        if self.status(request.service) is None:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
         last = None
-        while True:
-            if (status := self.status()) != last:
+        while not self.stopping.is_set():
+            if (status := self.status(request.service)) != last:
                 last = status
                 yield health_pb2.HealthCheckResponse(status=status)
-            await asyncio.sleep(WATCH_EVERY)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stopping.wait(), WATCH_EVERY)
 
 
 class RpcServer:
@@ -78,7 +88,8 @@ class RpcServer:
             maximum_concurrent_rpcs=options.max_calls,  # RESOURCE_EXHAUSTED above it
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), self.server)  # type: ignore[no-untyped-call]
-        health_pb2_grpc.add_HealthServicer_to_server(Health(state), self.server)
+        self.health = Health(state)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         pool = inference_pb2.DESCRIPTOR.pool  # the stubs' own (service.api.grpc), with the health's and reflection's
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             pool.AddSerializedFile(descriptor.serialized_pb)
@@ -96,5 +107,6 @@ class RpcServer:
         logger.info("gRPC listening on %s (ENCODER_GRPC_PORT)", self.address)
 
     async def stop(self, grace: float) -> None:
-        """Take no new calls; give those in flight `grace` seconds to finish."""
+        """Take no new calls; give those in flight `grace` seconds to finish (health watches end now)."""
+        self.health.stopping.set()
         await self.server.stop(grace)

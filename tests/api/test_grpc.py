@@ -159,7 +159,7 @@ def test_a_call_past_its_deadline_is_not_computed(stub: stubs.GRPCInferenceServi
 def test_health_and_reflection_are_open(server: Server) -> None:
     with grpc.insecure_channel(server.grpc) as channel:
         health = health_pb2_grpc.HealthStub(channel)
-        for service in ("", "inference.GRPCInferenceService"):
+        for service in ("", "inference.GRPCInferenceService", "liveness"):
             status = health.Check(health_pb2.HealthCheckRequest(service=service)).status
             assert status == health_pb2.HealthCheckResponse.SERVING
         with pytest.raises(grpc.RpcError) as caught:
@@ -274,20 +274,30 @@ def test_kserve_grpc_client(server: Server) -> None:
 
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_says_not_serving_at_once_and_serves_through_the_drain(workers: str) -> None:
+    """Readiness ("") turns NOT_SERVING at SIGTERM, liveness stays SERVING (a liveness probe must
+    not kill a draining pod), calls are still answered; a Watch open all along (what client-side
+    health checking keeps) sees the change and ends when the server stops, without holding it up."""
     draining = start_server(SERVE, shutdown_delay="3", workers=workers)
     try:
         with grpc.insecure_channel(draining.grpc) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             inference = stubs.GRPCInferenceServiceStub(channel)
-            assert health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING
+            watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=60)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
             draining.process.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + 1
+            signalled = time.monotonic()
+            deadline = signalled + 1
             while health.Check(health_pb2.HealthCheckRequest()).status == health_pb2.HealthCheckResponse.SERVING:
                 assert time.monotonic() < deadline, "still SERVING a second after SIGTERM"
                 time.sleep(0.05)
+            liveness = health.Check(health_pb2.HealthCheckRequest(service="liveness")).status
+            assert liveness == health_pb2.HealthCheckResponse.SERVING
             assert not inference.ServerReady(pb.ServerReadyRequest()).ready
             assert outputs(inference.ModelInfer(infer_request("autoencoder", ROWS, True)))["codes"].shape == (3, 2)
+            assert next(watch).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            assert list(watch) == []  # the stream ends, OK, as the server stops
         assert draining.process.wait(timeout=30) == 0
+        assert time.monotonic() - signalled < 3 + 5, "an open Watch held up the stop"
     finally:
         draining.stop()
 
