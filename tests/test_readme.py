@@ -3,6 +3,7 @@ order, and the README's settings table is the one the settings make."""
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -41,6 +42,13 @@ def test_the_clients_page_has_each_kind_of_client() -> None:
     for name in ("curl", "service.client", "tritonclient", "kserve", "openapi-python-client"):
         assert name in text, name
     assert {kind for kind, _ in blocks("docs/clients.md", None)} == {"console", "python", "sh"}
+
+
+def test_the_grpc_service_config_in_the_clients_page_is_the_one_in_deploy() -> None:
+    (code,) = [code for kind, code in blocks("docs/clients.md", "gRPC through restarts") if kind == "python"]
+    shown = code[code.index("config = {") + len("config = ") : code.index("\noptions = [")]
+    published = json.loads((ROOT / "deploy" / "grpc-service-config.json").read_text())
+    assert ast.literal_eval(shown) == published
 
 
 @pytest.fixture(scope="module")
