@@ -68,7 +68,7 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with _metrics_dir(settings, config.workers):
         try:
             grpc_port = settings.grpc_port if args.grpc_port is None else args.grpc_port
-            grpc = GrpcOptions(config.host, grpc_port, settings.max_body_bytes, settings.max_requests_in_progress)
+            grpc = GrpcOptions(config.host, grpc_port, settings.max_body_bytes)
             return serve(config, settings.shutdown_delay, grpc if grpc_port else None)
         except KeyboardInterrupt:
             return 0

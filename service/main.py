@@ -31,6 +31,7 @@ from service.api.v2.repository import repository as repository_routes
 from service.api.v2.routes import protocol_error_handler, v2
 from service.config import Settings, describe
 from service.core.control import Action, Control, every
+from service.core.gate import Gate
 from service.core.inference import DEFAULT, Core, CoreError, Limits, Served, warm_up
 from service.core.metrics import Metrics, usable
 from service.core.repository import Repository, served_model
@@ -59,6 +60,7 @@ class State(TypedDict):
     keys: Keys | None
     settings: Settings  # what the server's protocol reads its deadlines from
     log: RequestLog  # where the gRPC server (service.server.rpc) counts and logs its calls too
+    gate: Gate  # REST's Admission and the gRPC servicer admit requests through the same ones
 
 
 def key_options(settings: Settings) -> dict[str, Any]:
@@ -240,7 +242,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app, input_dim, latent_dim, settings, auth=keys is not None, admin_only=settings.admin_api_key is not None
         )
         try:
-            yield {"core": core, "control": control, "keys": keys, "settings": settings, "log": app.request_log}
+            yield {
+                "core": core,
+                "control": control,
+                "keys": keys,
+                "settings": settings,
+                "log": app.request_log,
+                "gate": gate,
+            }
         finally:
             for task in tasks:
                 task.cancel()
@@ -254,6 +263,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     logs_info = logging.getLogger("service").isEnabledFor(logging.INFO)  # as configure_logging set it
     access_log = settings.access_log and logs_info  # its lines are at info
     request_log = RequestLog(metrics, access_log=access_log, text=settings.log_format == "text")
+    # One set of limits for REST (Admission) and gRPC (the servicer, through the lifespan's state).
+    gate = Gate(metrics, settings.max_requests_in_progress, settings.memory_budget, settings.admission_wait)
     app = Service(
         metrics=metrics,
         request_log=request_log,
@@ -267,14 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             Middleware(Observe, metrics=metrics, log=request_log),
             *cors(settings),
             *([Middleware(RequireKey, **key_options(settings))] if settings.auth_required else []),
-            Middleware(
-                Admission,
-                metrics=metrics,
-                max_in_progress=settings.max_requests_in_progress,
-                budget=settings.memory_budget,
-                wait=settings.admission_wait,
-                max_body=settings.max_body_bytes,
-            ),
+            Middleware(Admission, gate=gate, max_body=settings.max_body_bytes),
         ],
         title="encoding-service",
         version=__version__,

@@ -29,12 +29,12 @@ SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
 
 @dataclass(frozen=True)
 class GrpcOptions:
-    """Where gRPC listens beside HTTP, and its limits (ENCODER_MAX_BODY_BYTES, ENCODER_MAX_REQUESTS_IN_PROGRESS)."""
+    """Where gRPC listens beside HTTP, and its largest message (ENCODER_MAX_BODY_BYTES); the
+    requests in progress and the memory budget are the app's (service.core.gate), shared with REST."""
 
     host: str
     port: int
     max_message_bytes: int
-    max_calls: int
 
 
 GrpcAddress = GrpcOptions | None

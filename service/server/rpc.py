@@ -85,7 +85,6 @@ class RpcServer:
                 ("grpc.max_receive_message_length", options.max_message_bytes),  # RESOURCE_EXHAUSTED above it
                 ("grpc.so_reuseport", 1),
             ],
-            maximum_concurrent_rpcs=options.max_calls,  # RESOURCE_EXHAUSTED above it
         )
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), self.server)  # type: ignore[no-untyped-call]
         self.health = Health(state)

@@ -20,75 +20,13 @@ OOM-killed with every request in flight. Here:
 
 from __future__ import annotations
 
-import asyncio
-import collections
-
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.metrics import Metrics
-from service.core.repository import release_memory
+from service.core.gate import Gate, body_cost
 from service.web.errors import BodyTooLarge, send_problem
 from service.web.paths import route_path
 
-COST_PER_BODY_BYTE = 4  # measured: a JSON body of bits, parsed (lists of ints) and as arrays, holds ~4x its size
-SMALL = 64 * 1024  # bodies under this reserve nothing: the cap on requests in progress bounds them
-TRIM_AFTER = 32 * 1024 * 1024  # a burst that held this much is handed back once it is over
 UNLIMITED = ("/healthz", "/readyz", "/metrics", "/v2/health/")
-
-
-class Budget:
-    """Bytes reserved by requests being read, parsed and answered; waiters served in order."""
-
-    def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self.used = 0
-        self.peak = 0  # since the budget was last empty
-        self.waiters: collections.deque[tuple[int, asyncio.Future[None]]] = collections.deque()
-
-    async def acquire(self, cost: int, wait: float) -> bool:
-        """Reserve `cost` (at most the whole budget), waiting up to `wait` seconds; whether it was."""
-        cost = min(cost, self.capacity)
-        if not self.waiters and self.used + cost <= self.capacity:
-            self._take(cost)
-            return True
-        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        entry = (cost, future)
-        self.waiters.append(entry)
-        try:
-            await asyncio.wait_for(asyncio.shield(future), wait)
-            return True
-        except TimeoutError:
-            if future.done():  # granted as the wait ran out: keep it
-                return True
-            self.waiters.remove(entry)
-            self._grant()  # one that waited behind it may fit now
-            return False
-        except asyncio.CancelledError:  # the request is gone: what it holds, or waits for, is not
-            if future.done():
-                self.release(cost)
-            else:
-                self.waiters.remove(entry)
-                self._grant()
-            raise
-
-    def release(self, cost: int) -> None:
-        self.used -= min(cost, self.capacity)
-        self._grant()
-        if self.used == 0:
-            if self.peak >= TRIM_AFTER:
-                release_memory()
-            self.peak = 0
-
-    def _take(self, cost: int) -> None:
-        self.used += cost
-        self.peak = max(self.peak, self.used)
-
-    def _grant(self) -> None:
-        while self.waiters and self.used + self.waiters[0][0] <= self.capacity:
-            cost, future = self.waiters.popleft()
-            if not future.done():
-                self._take(cost)
-                future.set_result(None)
 
 
 class Admission:
@@ -97,16 +35,10 @@ class Admission:
     then the cap on requests in progress and the memory budget, or 503. One middleware, one look
     at the headers: a one-row request pays a counter and a comparison or two."""
 
-    def __init__(
-        self, app: ASGIApp, metrics: Metrics, max_in_progress: int, budget: int, wait: float, max_body: int
-    ) -> None:
+    def __init__(self, app: ASGIApp, gate: Gate, max_body: int) -> None:
         self.app = app
-        self.metrics = metrics
-        self.max_in_progress = max_in_progress
-        self.budget = Budget(budget)
-        self.wait = wait
+        self.gate = gate
         self.max_body = max_body
-        self.in_progress = 0
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -117,25 +49,20 @@ class Admission:
             detail = BodyTooLarge(self.max_body).detail
             await send_problem(send, route_path(scope), 413, detail, [(b"connection", b"close")])
             return
-        if self.in_progress >= self.max_in_progress and not route_path(scope).startswith(UNLIMITED):
-            await self._refuse(scope, send, "requests_in_progress", "ENCODER_MAX_REQUESTS_IN_PROGRESS", length)
+        gate = self.gate
+        if gate.full() and route_path(scope).startswith(UNLIMITED):  # probes are never refused
+            await self.app(scope, receive, send)
             return
         if length is None:  # a body may stream without one (chunked): counted as it comes
             receive = self._counted(receive)
-        size = self.max_body if length is None and chunked else length or 0  # what the body may hold
-        cost = COST_PER_BODY_BYTE * size if size >= SMALL else 0
-        self.in_progress += 1
+        cost = body_cost(self.max_body if length is None and chunked else length or 0)  # what the body may hold
+        if (refused := await gate.enter(cost)) is not None:
+            await self._refuse(scope, send, refused[1], length)
+            return
         try:
-            if cost and not await self.budget.acquire(cost, self.wait):
-                await self._refuse(scope, send, "memory_budget", "ENCODER_MEMORY_BUDGET", length)
-                return
-            try:
-                await self.app(scope, receive, send)
-            finally:
-                if cost:
-                    self.budget.release(cost)
+            await self.app(scope, receive, send)
         finally:
-            self.in_progress -= 1
+            gate.leave(cost)
 
     def _counted(self, receive: Receive) -> Receive:
         """`receive`, refusing a body without a Content-Length once it streams past the limit."""
@@ -151,8 +78,7 @@ class Admission:
 
         return counted
 
-    async def _refuse(self, scope: Scope, send: Send, reason: str, setting: str, length: int | None) -> None:
-        self.metrics.refused[reason] = self.metrics.refused.get(reason, 0) + 1
+    async def _refuse(self, scope: Scope, send: Send, setting: str, length: int | None) -> None:
         headers = [(b"retry-after", b"1")]
         if length != 0:
             headers.append((b"connection", b"close"))  # its body, if any, is unread

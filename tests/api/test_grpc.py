@@ -347,3 +347,32 @@ def test_plain_uvicorn_serves_no_grpc() -> None:
             socket.create_connection((host, int(port)), timeout=5).close()
     finally:
         server.stop()
+
+
+def test_grpc_and_rest_share_one_gate() -> None:
+    """One worker's requests in progress are REST's and gRPC's together: with the cap at one, a
+    REST request whose body is still coming holds the only place, and a gRPC call is refused at
+    once (RESOURCE_EXHAUSTED, saying which setting), counted with REST's refusals; health is not."""
+    server = start_server(SERVE, max_requests_in_progress="1")
+    try:
+        with server.connect() as held, grpc.insecure_channel(server.grpc) as channel:
+            held.sendall(b"POST /v1/vae/encode HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n")
+            held.sendall(b"Content-Length: 100\r\n\r\n{")  # in progress until the rest of its body comes
+            time.sleep(0.3)
+            with pytest.raises(grpc.RpcError) as caught:
+                stubs.GRPCInferenceServiceStub(channel).ModelInfer(infer_request("autoencoder", ROWS, True))
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "ENCODER_MAX_REQUESTS_IN_PROGRESS" in caught.value.details()
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+        metrics = httpx.get(f"{server.url}/metrics").text
+        assert 'encoder_requests_refused_total{reason="requests_in_progress"} 1.0' in metrics
+        assert (
+            'encoder_grpc_requests_total{code="RESOURCE_EXHAUSTED",method="/inference.GRPCInferenceService/ModelInfer"}'
+            in metrics
+        )
+        with grpc.insecure_channel(server.grpc) as channel:  # the place is free again
+            answer = stubs.GRPCInferenceServiceStub(channel).ModelInfer(infer_request("autoencoder", ROWS, True))
+            assert outputs(answer)["codes"].shape == (3, 2)
+    finally:
+        server.stop()

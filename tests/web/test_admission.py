@@ -8,8 +8,9 @@ from typing import Any
 
 import pytest
 
+from service.core.gate import SMALL, Budget, Gate
 from service.core.metrics import Metrics
-from service.web.admission import SMALL, Admission, Budget
+from service.web.admission import Admission
 
 BIG = 1024 * 1024  # a body of 1 MiB costs 4 MiB
 
@@ -50,7 +51,8 @@ async def _call(app: Admission, scope: dict[str, Any]) -> tuple[int, dict[bytes,
 
 def _admission(inner: Held, **options: Any) -> Admission:
     settings = {"max_in_progress": 100, "budget": 10 * BIG, "wait": 0.2, "max_body": 16 * BIG} | options
-    return Admission(inner, metrics=Metrics(), **settings)
+    max_body = settings.pop("max_body")
+    return Admission(inner, gate=Gate(Metrics(), **settings), max_body=max_body)
 
 
 def test_one_request_over_the_cap_is_refused_at_once_and_probes_never_are() -> None:
@@ -69,8 +71,8 @@ def test_one_request_over_the_cap_is_refused_at_once_and_probes_never_are() -> N
         assert inner.entered == 4  # both let through, over the cap
         inner.release.set()
         assert [(await task)[0] for task in [*held, probe, metrics]] == [200] * 4
-        assert app.metrics.refused == {"requests_in_progress": 1}
-        assert app.in_progress == 0
+        assert app.gate.metrics.refused == {"requests_in_progress": 1}
+        assert app.gate.in_progress == 0
 
     asyncio.run(run())
 
@@ -94,8 +96,8 @@ def test_a_body_that_does_not_fit_the_budget_waits_then_gets_503() -> None:
         assert inner.entered == 2
         inner.release.set()
         assert [(await task)[0] for task in (first, small, waiting)] == [200, 200, 200]
-        assert app.metrics.refused == {"memory_budget": 1}
-        assert app.budget.used == 0
+        assert app.gate.metrics.refused == {"memory_budget": 1}
+        assert app.gate.budget.used == 0
 
     asyncio.run(run())
 

@@ -21,6 +21,7 @@ from starlette.types import Message, Scope
 
 from service.api.v1.arrays import SAFETENSORS
 from service.api.v1.schemas import AutoencoderRequest, AutoencoderResponse
+from service.core.gate import Gate
 from service.core.metrics import Metrics
 from service.web.admission import Admission
 from service.web.bodies import read_body
@@ -201,7 +202,7 @@ def test_admission_refuses_a_declared_or_streamed_body_over_the_limit() -> None:
     async def echo(scope: Scope, receive: Any, send: Any) -> None:
         await PlainTextResponse(await read_body(receive))(scope, receive, send)
 
-    limited = Admission(echo, metrics=Metrics(), max_in_progress=10, budget=2**20, wait=1, max_body=4)
+    limited = Admission(echo, gate=Gate(Metrics(), max_in_progress=10, budget=2**20, wait=1), max_body=4)
     for headers, status in (([(b"content-length", b"5")], 413), ([(b"content-length", b"3")], 200)):
         sent: list[Message] = []
         scope = {"type": "http", "path": "/v1/x", "headers": headers}

@@ -22,6 +22,7 @@ from service.api.grpc import inference_pb2_grpc as stubs
 from service.api.grpc import tensors
 from service.api.v2 import codec as oip
 from service.core.control import change
+from service.core.gate import Gate, body_cost
 from service.core.inference import Core, CoreError, Problem, Served
 from service.core.metrics import GRPC
 from service.server.flags import DRAINING
@@ -67,7 +68,7 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
             code, message, response, served = StatusCode.OK, "", None, None
             try:
                 self.authorize(context, administers)
-                response, served = await handler(self, request, context)
+                response, served = await self.admitted(handler, request, context)
                 return response
             except Failed as exc:
                 code, message = exc.code, str(exc)
@@ -112,6 +113,20 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         refusal = refuse(presented_key(metadata), keys, admin, administers and admin is not None)
         if refusal is not None:
             raise Failed(REFUSED[refusal], refusal.value)
+
+    async def admitted(self, handler: Handler, request: Any, context: Any) -> tuple[Any, Served | None]:
+        """The handler's answer, once the worker's gate (the same requests in progress and memory
+        budget as REST's) lets the call in; RESOURCE_EXHAUSTED, counted, when it does not."""
+        gate: Gate | None = self.state.get("gate")
+        if gate is None:  # before the app has started: the handler says UNAVAILABLE
+            return await handler(self, request, context)
+        cost = body_cost(request.ByteSize()) if isinstance(request, pb.ModelInferRequest) else 0
+        if (refused := await gate.enter(cost)) is not None:
+            raise Failed(StatusCode.RESOURCE_EXHAUSTED, f"the server is busy ({refused[1]}): retry in a moment")
+        try:
+            return await handler(self, request, context)
+        finally:
+            gate.leave(cost)
 
     def log_call(
         self,
