@@ -9,9 +9,11 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
@@ -182,6 +184,31 @@ def start_server(
         time.sleep(0.05)
     server.stop()
     raise RuntimeError("server did not become ready")
+
+
+@dataclass
+class Load:
+    """`clients` threads, each running `client(stop, outcomes)` until `stop` is set, counting each
+    call's outcome (a status) in `outcomes`: load for the rolling-restart tests."""
+
+    client: Callable[[threading.Event, Counter[int | str]], None]
+    clients: int = 4
+    outcomes: Counter[int | str] = field(default_factory=Counter)
+    stop: threading.Event = field(default_factory=threading.Event)
+    threads: list[threading.Thread] = field(default_factory=list)
+
+    def __enter__(self) -> Load:
+        self.threads = [
+            threading.Thread(target=self.client, args=(self.stop, self.outcomes)) for _ in range(self.clients)
+        ]
+        for thread in self.threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        for thread in self.threads:
+            thread.join(timeout=60)
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 import httpx
@@ -21,7 +21,7 @@ import pytest
 
 from service.api.grpc import inference_pb2 as pb
 from service.api.grpc import inference_pb2_grpc as stubs
-from tests.conftest import ROOT, Server, free_port, start_server
+from tests.conftest import ROOT, Load, Server, free_port, start_server
 
 SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
 SERVICE_CONFIG = (ROOT / "deploy" / "grpc-service-config.json").read_text()
@@ -75,45 +75,27 @@ def replicas(request: pytest.FixtureRequest) -> Iterator[Replicas]:
             server.stop()
 
 
-@dataclass
-class Load:
-    """Clients calling ModelInfer on one channel, as an application would hold one."""
+def caller(stub: stubs.GRPCInferenceServiceStub) -> Callable[[threading.Event, Counter[int | str]], None]:
+    """A client calling ModelInfer on the shared channel's stub, as an application's threads would."""
+    request = pb.ModelInferRequest(model_name="vae")
+    request.inputs.add(name="input", datatype="INT32", shape=ROWS.shape)
+    request.raw_input_contents.append(ROWS.tobytes())
+    request.parameters["seed"].int64_param = 7
 
-    target: str
-    clients: int = 4
-    codes: Counter[str] = field(default_factory=Counter)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def run(self, stub: stubs.GRPCInferenceServiceStub) -> None:
-        request = pb.ModelInferRequest(model_name="vae")
-        request.inputs.add(name="input", datatype="INT32", shape=ROWS.shape)
-        request.raw_input_contents.append(ROWS.tobytes())
-        request.parameters["seed"].int64_param = 7
-        while not self.stop.is_set():
+    def client(stop: threading.Event, codes: Counter[int | str]) -> None:
+        while not stop.is_set():
             try:
                 stub.ModelInfer(request, timeout=30)
-                self.codes["OK"] += 1
+                codes["OK"] += 1
             except grpc.RpcError as exc:
-                self.codes[exc.code().name] += 1
+                codes[exc.code().name] += 1
 
-    def __enter__(self) -> Load:
-        self.channel = grpc.insecure_channel(self.target, options=OPTIONS)
-        stub = stubs.GRPCInferenceServiceStub(self.channel)
-        self.threads = [threading.Thread(target=self.run, args=(stub,)) for _ in range(self.clients)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
-        self.channel.close()
+    return client
 
 
 def test_a_rolling_restart_under_grpc_load_fails_no_call(replicas: Replicas) -> None:
-    with Load(replicas.target) as load:
+    channel = grpc.insecure_channel(replicas.target, options=OPTIONS)  # one, as an application holds one
+    with channel, Load(caller(stubs.GRPCInferenceServiceStub(channel))) as load:
         time.sleep(1)
         for index in (0, 1, 0):
             replicas.restart(index)
@@ -122,5 +104,5 @@ def test_a_rolling_restart_under_grpc_load_fails_no_call(replicas: Replicas) -> 
         while min(spread := [replicas.calls_answered(index) for index in range(2)]) == 0:
             assert time.monotonic() < deadline, spread
             time.sleep(0.25)
-    assert set(load.codes) == {"OK"}, load.codes
-    assert load.codes["OK"] > 200
+    assert set(load.outcomes) == {"OK"}, load.outcomes
+    assert load.outcomes["OK"] > 200

@@ -16,14 +16,14 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 
-from tests.conftest import ROOT, Server, free_port, start_server
+from tests.conftest import ROOT, Load, Server, free_port, start_server
 
 NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
 if NGINX is None:
@@ -118,52 +118,36 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
             replica.stop()
 
 
-@dataclass
-class Load:
-    """Clients that keep calling /v1 and /v2 through nginx, each on its own keep-alive connection."""
+def through(url: str) -> Callable[[threading.Event, Counter[int | str]], None]:
+    """A client calling /v1 and /v2 through nginx in turn, on its own keep-alive connection."""
 
-    url: str
-    clients: int = 4
-    statuses: Counter[int | str] = field(default_factory=Counter)
-    stop: threading.Event = field(default_factory=threading.Event)
-    threads: list[threading.Thread] = field(default_factory=list)
-
-    def run(self) -> None:
-        with httpx.Client(base_url=self.url, timeout=30) as client:
+    def client(stop: threading.Event, statuses: Counter[int | str]) -> None:
+        with httpx.Client(base_url=url, timeout=30) as http:
             calls = 0
-            while not self.stop.is_set():
+            while not stop.is_set():
                 calls += 1
                 try:
                     if calls % 2:
-                        status = client.post("/api/v1/vae/encode", json=ROW).status_code
+                        status: int | str = http.post("/api/v1/vae/encode", json=ROW).status_code
                     else:
-                        status = client.post("/api/v2/models/autoencoder/infer", json=OIP).status_code
+                        status = http.post("/api/v2/models/autoencoder/infer", json=OIP).status_code
                 except httpx.HTTPError as exc:
                     status = type(exc).__name__
-                self.statuses[status] += 1
+                statuses[status] += 1
 
-    def __enter__(self) -> Load:
-        self.threads = [threading.Thread(target=self.run) for _ in range(self.clients)]
-        for thread in self.threads:
-            thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop.set()
-        for thread in self.threads:
-            thread.join(timeout=60)
+    return client
 
 
 def test_a_rolling_restart_under_load_answers_every_request(proxy: Proxy) -> None:
-    with Load(proxy.url) as load:
+    with Load(through(proxy.url)) as load:
         time.sleep(1)
         for index in range(2):
             proxy.restart(index)
             time.sleep(0.5)
         proxy.restart(0)  # once more, less than nginx's default fail_timeout after the last
         time.sleep(1)
-    assert set(load.statuses) == {200}, load.statuses
-    assert load.statuses[200] > 200
+    assert set(load.outcomes) == {200}, load.outcomes
+    assert load.outcomes[200] > 200
     assert proxy.upstream_errors() == []
 
 
