@@ -198,3 +198,16 @@ def test_api_md_shows_a_failed_start_as_it_is(tmp_path: Path) -> None:
         return fields
 
     assert [comparable(line) for line in printed] == [comparable(line) for line in shown]
+
+
+def test_every_file_architecture_md_names_exists() -> None:
+    """The layout it draws is the code's: each file or folder it names (by its path from the
+    repository, or from a folder it names around it) is there."""
+    text = (ROOT / "docs" / "architecture.md").read_text()
+    names = {name for name in re.findall(r"[\w/]+\.py|[\w/]+/(?=[`\s)])", text) if not name.startswith("/")}
+    tops = [ROOT / top for top in ("service", "bench", "tests", "deploy")]
+    tree = tops + [path for top in tops for path in top.rglob("*")]
+    there = {path.relative_to(ROOT).as_posix() + ("/" if path.is_dir() else "") for path in tree}
+    missing = [name for name in sorted(names) if not any(path == name or path.endswith("/" + name) for path in there)]
+    assert len(names) > 30
+    assert missing == []
