@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
 import statistics
@@ -94,7 +95,7 @@ def codes(address: str, request: pb.ModelInferRequest) -> np.ndarray:
 
 def start_service(input_dim: int) -> tuple[Server, str]:
     port, grpc_port = _free_port(), _free_port()
-    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("ENCODER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
     env |= {"ENCODER_INPUT_DIM": str(input_dim), "ENCODER_GRPC_PORT": str(grpc_port), "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     return launch(command, port, ROOT, env, "the service"), f"127.0.0.1:{grpc_port}"

@@ -14,7 +14,6 @@ from service.core.repository import release_memory
 COST_PER_BODY_BYTE = 4  # measured: a JSON body of bits, parsed (lists of ints) and as arrays, holds ~4x its size
 SMALL = 64 * 1024  # bodies under this reserve nothing: the cap on requests in progress bounds them
 TRIM_AFTER = 32 * 1024 * 1024  # a burst that held this much is handed back once it is over
-UNLIMITED = ("/healthz", "/readyz", "/metrics", "/v2/health/")
 
 
 class Budget:
@@ -94,7 +93,7 @@ class Gate:
     async def enter(self, cost: int) -> tuple[str, str] | None:
         """Admit a request (not a probe) whose body costs `cost` bytes: None once it is in progress,
         or why it is refused (IN_PROGRESS at once, MEMORY after waiting up to `wait` seconds)."""
-        if self.in_progress >= self.max_in_progress:
+        if self.full():
             return self.refused(IN_PROGRESS)
         self.in_progress += 1
         if cost:
