@@ -11,7 +11,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # its own that stays in this stage.
 COPY pyproject.toml uv.lock ./
 RUN python -m venv /opt/uv && /opt/uv/bin/pip install uv==0.13.9 \
-    && /opt/uv/bin/uv export --frozen --no-dev --no-emit-project --format requirements-txt -o requirements.txt \
+    && /opt/uv/bin/uv export --frozen --no-dev --no-emit-project --extra otel --format requirements-txt -o requirements.txt \
     && pip install --require-hashes --no-deps --requirement requirements.txt
 COPY README.md ./
 COPY service ./service

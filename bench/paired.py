@@ -1,6 +1,7 @@
 """Compare the service in the working tree with the service at a git ref, both loaded at once.
 
     python bench/paired.py [--base HEAD] [--rounds 5] [--duration 4] [--workload A]
+                           [--env NAME=VALUE ...] [--collector] [--header NAME:VALUE ...]
 
 For changes of a few percent, which the noise of a shared machine hides when servers are loaded
 in turn (bench/run.py): each round starts both services (`encoding-service serve`, default
@@ -10,12 +11,19 @@ is shared between them, so whatever else the machine does slows both alike, and 
 requests each answered is the inverse ratio of what a request costs each: above 1.00x, the
 working tree is cheaper. Which starts first alternates by round. Rounds agree to a few percent;
 run it twice before believing a difference under 3%.
+
+`--env` sets a variable for the working tree's service only: with `--base HEAD` and a clean tree,
+it measures what a setting costs, e.g. traces with a 1% sampler:
+    --base HEAD --collector --env OTEL_TRACES_SAMPLER=parentbased_traceidratio --env OTEL_TRACES_SAMPLER_ARG=0.01
+`--collector` runs an OTLP/HTTP sink in this process (it answers every export 200) and points the
+working tree's OTEL_EXPORTER_OTLP_ENDPOINT at it. `--header` adds a header to every request of both.
 Needs wrk and taskset (Debian: apt-get install wrk util-linux), and git.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.server
 import json
 import os
 import re
@@ -25,6 +33,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 from pathlib import Path
 
 from run import LUA, ROOT, Server, _free_port, launch, workloads, wrk
@@ -40,11 +49,11 @@ def export(ref: str, into: Path) -> Path:
     return tree
 
 
-def start(tree: Path, input_dim: int) -> Server:
-    """`encoding-service serve` from the code in `tree`, on core 0, ready."""
+def start(tree: Path, input_dim: int, extra: dict[str, str] | None = None) -> Server:
+    """`encoding-service serve` from the code in `tree`, on core 0, ready, with `extra` variables."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
-    env |= {"ENCODER_INPUT_DIM": str(input_dim), "PYTHONPATH": str(tree)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENCODER_", "OTEL_"))}
+    env |= {"ENCODER_INPUT_DIM": str(input_dim), "PYTHONPATH": str(tree)} | (extra or {})
     command = [sys.executable, "-m", "service.cli", "serve", "--port", str(port)]
     return launch(command, port, tree, env, f"the service in {tree}")
 
@@ -69,13 +78,37 @@ def answered(servers: list[Server], path: str, connections: int, body: Path, scr
     return counts
 
 
+def sink() -> str:
+    """An OTLP/HTTP endpoint that takes every export (in a thread of this process); its URL."""
+
+    class Sink(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            self.rfile.read(int(self.headers["content-length"]))
+            self.send_response(200)
+            self.send_header("content-length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Sink)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD", help="the git ref to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--duration", type=int, default=4, help="seconds of load a round")
     parser.add_argument("--workload", default="A", help="one of bench/run.py's workloads")
+    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the working tree's service")
+    parser.add_argument("--collector", action="store_true", help="an OTLP sink for the working tree's traces")
+    parser.add_argument("--header", action="append", default=[], help="NAME:VALUE sent with every request")
     args = parser.parse_args()
+    extra = dict(item.split("=", 1) for item in args.env)
+    if args.collector:
+        extra |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink()}
     for tool in ("wrk", "taskset", "git"):
         if not shutil.which(tool):
             raise SystemExit(f"{tool} is missing: apt-get install wrk util-linux git")
@@ -86,12 +119,15 @@ def main() -> None:
     try:
         base = export(args.base, tmp)
         script, body = tmp / "post.lua", tmp / "body.json"
-        script.write_text(LUA)
+        headers = [item.split(":", 1) for item in args.header]
+        script.write_text(
+            LUA + "".join(f"wrk.headers[{json.dumps(k)}] = {json.dumps(v.strip())}\n" for k, v in headers)
+        )
         body.write_text(json.dumps(work.body))
         ratios = []
         for round_ in range(1, args.rounds + 1):
             trees = [base, ROOT] if round_ % 2 else [ROOT, base]  # which starts first changes each round
-            servers = [start(tree, work.input_dim) for tree in trees]
+            servers = [start(tree, work.input_dim, extra if tree is ROOT else None) for tree in trees]
             try:
                 answered(servers, work.path, work.connections, body, script, 1)  # warm both up
                 counts = answered(servers, work.path, work.connections, body, script, args.duration)

@@ -6,7 +6,7 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 ROOT_PATH = r"^(/[^/\s]+)*$"  # "" or "/api", "/a/b": no trailing slash
@@ -17,7 +17,9 @@ class Settings(BaseSettings):
     """Service settings. `ENCODER_SEED=7` sets `seed`, and so on for every field."""
 
     # Each field's docstring is its description: the README's settings table is made from them.
-    model_config = SettingsConfigDict(env_prefix="ENCODER_", extra="forbid", frozen=True, use_attribute_docstrings=True)
+    model_config = SettingsConfigDict(
+        env_prefix="ENCODER_", extra="forbid", frozen=True, use_attribute_docstrings=True, populate_by_name=True
+    )
 
     seed: int = Field(default=0, ge=0, lt=2**63)
     """Seed of the default weights, used when no weights file is given."""
@@ -136,6 +138,65 @@ class Settings(BaseSettings):
     log_level: str = Field(default="info", pattern="^(critical|error|warning|info|debug|trace)$")
     """critical, error, warning, info, debug or trace; at warning and above, no access log."""
 
+    # Traces: OpenTelemetry's own variables, as every OpenTelemetry SDK reads them (no ENCODER_ prefix).
+    # The exporter reads the rest of its own (OTEL_EXPORTER_OTLP_HEADERS, _TIMEOUT, _COMPRESSION, ...).
+
+    otel_traces_exporter: Literal["otlp", "none"] | None = Field(default=None, validation_alias="OTEL_TRACES_EXPORTER")
+    """`otlp` sends traces to OTEL_EXPORTER_OTLP_ENDPOINT; `none`, or unset with no endpoint set, sends
+    none, and requests pay nothing for traces. Unset with an endpoint set: `otlp`. Needs the `otel`
+    extra (`pip install encoding-service[otel]`; the image has it)."""
+
+    otel_exporter_otlp_endpoint: str | None = Field(
+        default=None, pattern=r"^https?://\S+$", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"
+    )
+    """Where an OpenTelemetry collector listens: `http://collector:4318` (http/protobuf; traces go to
+    its /v1/traces) or `http://collector:4317` (grpc). Unset: http://localhost:4318 (4317 for grpc)."""
+
+    otel_exporter_otlp_traces_endpoint: str | None = Field(
+        default=None, pattern=r"^https?://\S+$", validation_alias="OTEL_EXPORTER_OTLP_TRACES_ENDPOINT"
+    )
+    """The full URL traces go to, over OTEL_EXPORTER_OTLP_ENDPOINT (nothing is appended to it)."""
+
+    otel_exporter_otlp_protocol: Literal["http/protobuf", "grpc"] = Field(
+        default="http/protobuf",
+        validation_alias=AliasChoices("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_PROTOCOL"),
+    )
+    """How traces are sent: `http/protobuf` or `grpc` (OTEL_EXPORTER_OTLP_TRACES_PROTOCOL wins)."""
+
+    otel_service_name: str | None = Field(default=None, min_length=1, validation_alias="OTEL_SERVICE_NAME")
+    """The service.name of the traces (over OTEL_RESOURCE_ATTRIBUTES'); unset: encoding-service."""
+
+    otel_traces_sampler: Literal[
+        "always_on",
+        "always_off",
+        "traceidratio",
+        "parentbased_always_on",
+        "parentbased_always_off",
+        "parentbased_traceidratio",
+    ] = Field(default="parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER")
+    """Which requests are traced: parent-based samplers follow the caller's `traceparent` (its
+    sampled flag) and decide alone for a request without one; `traceidratio` keeps a share of traces."""
+
+    otel_traces_sampler_arg: float | None = Field(default=None, ge=0, le=1, validation_alias="OTEL_TRACES_SAMPLER_ARG")
+    """The share of traces the ratio samplers keep, 0 to 1 (unset: 1)."""
+
+    otel_bsp_max_queue_size: int = Field(default=2048, ge=1, le=1_000_000, validation_alias="OTEL_BSP_MAX_QUEUE_SIZE")
+    """Most spans kept for export; more are dropped, never waited for (encoder_spans_dropped_total)."""
+
+    otel_bsp_schedule_delay: int = Field(default=5000, ge=0, le=3_600_000, validation_alias="OTEL_BSP_SCHEDULE_DELAY")
+    """Milliseconds between exports (sooner when a batch is full)."""
+
+    otel_bsp_max_export_batch_size: int = Field(
+        default=512, ge=1, le=1_000_000, validation_alias="OTEL_BSP_MAX_EXPORT_BATCH_SIZE"
+    )
+    """Most spans in one export."""
+
+    otel_bsp_export_timeout: int = Field(default=30000, ge=1, le=3_600_000, validation_alias="OTEL_BSP_EXPORT_TIMEOUT")
+    """Milliseconds the drain waits for the spans kept to be exported before the process exits."""
+
+    otel_sdk_disabled: bool = Field(default=False, validation_alias="OTEL_SDK_DISABLED")
+    """`true`: no traces, whatever else is set."""
+
     @field_validator("cors_origins", "trusted_proxies", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
@@ -149,6 +210,14 @@ class Settings(BaseSettings):
         if value is not None and not KEY.fullmatch(value.get_secret_value()):
             raise ValueError("a key is printable ASCII without spaces")
         return value
+
+    @property
+    def traces(self) -> bool:
+        """Whether requests are traced and traces exported (the OTEL_ settings)."""
+        if self.otel_sdk_disabled or self.otel_traces_exporter == "none":
+            return False
+        endpoint = self.otel_exporter_otlp_endpoint or self.otel_exporter_otlp_traces_endpoint
+        return self.otel_traces_exporter == "otlp" or endpoint is not None
 
     @property
     def auth_required(self) -> bool:
@@ -165,7 +234,7 @@ def describe(error: ValidationError) -> str:
     parts = []
     for item in error.errors(include_url=False, include_input=False):
         field = ".".join(str(part) for part in item["loc"])
-        parts.append(f"ENCODER_{field.upper()}: {item['msg']}")
+        parts.append(f"{variable(field)}: {item['msg']}")
     return "; ".join(parts)
 
 
@@ -182,5 +251,16 @@ def settings_table() -> str:
         else:
             shown = f"`{default:g}`" if isinstance(default, float) else f"`{default}`"
         meaning = " ".join((field.description or "").split()).replace("|", "\\|")
-        rows.append(f"| `ENCODER_{name.upper()}` | {shown} | {meaning} |")
+        rows.append(f"| `{variable(name)}` | {shown} | {meaning} |")
     return "\n".join(rows) + "\n"
+
+
+def variable(field: str) -> str:
+    """The environment variable that sets a field (or names an alias): ENCODER_SEED, OTEL_SERVICE_NAME."""
+    if field.startswith("OTEL_"):
+        return field
+    info = Settings.model_fields.get(field)
+    alias = info.validation_alias if info is not None else None
+    if isinstance(alias, AliasChoices):
+        return " or ".join(str(choice) for choice in alias.choices)
+    return alias if isinstance(alias, str) else f"ENCODER_{field.upper()}"

@@ -35,6 +35,7 @@ from service.core.gate import Gate
 from service.core.inference import DEFAULT, Core, CoreError, Limits, Served, warm_up
 from service.core.metrics import Metrics, usable
 from service.core.repository import Repository, served_model
+from service.core.traces import Tracer, sampler
 from service.models import weights
 from service.models.encoders import ModelError, seeded
 from service.server.logs import configure_logging, json_errors, say_error
@@ -61,6 +62,7 @@ class State(TypedDict):
     settings: Settings  # what the server's protocol reads its deadlines from
     log: RequestLog  # where the gRPC server (service.server.rpc) counts and logs its calls too
     gate: Gate  # REST's Admission and the gRPC servicer admit requests through the same ones
+    tracer: Tracer | None  # traces of REST requests (Observe) and gRPC calls (the servicer), when configured
 
 
 def key_options(settings: Settings) -> dict[str, Any]:
@@ -241,6 +243,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.openapi_schema = spec.build(
             app, input_dim, latent_dim, settings, auth=keys is not None, admin_only=settings.admin_api_key is not None
         )
+        export = None
+        if tracer is not None:
+            try:
+                from service.server.otel import Export
+            except ImportError as exc:  # the otel extra is not installed
+                raise StartupError(str(exc)) from None
+            export = tracer.export = Export(settings, app.metrics)
+            export.start()
         try:
             yield {
                 "core": core,
@@ -249,11 +259,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "settings": settings,
                 "log": app.request_log,
                 "gate": gate,
+                "tracer": tracer,
             }
         finally:
             for task in tasks:
                 task.cancel()
             app.request_log.flush()
+            if export is not None:
+                await export.stop()  # what is kept goes out before the process exits
 
     configure_logging(settings.log_level, settings.log_format)
     routers = [encoders, router, v2, repository_routes]
@@ -265,6 +278,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     request_log = RequestLog(metrics, access_log=access_log, text=settings.log_format == "text")
     # One set of limits for REST (Admission) and gRPC (the servicer, through the lifespan's state).
     gate = Gate(metrics, settings.max_requests_in_progress, settings.memory_budget, settings.admission_wait)
+    tracer = tracing(settings, metrics)
     app = Service(
         metrics=metrics,
         request_log=request_log,
@@ -275,7 +289,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 else []
             ),
             *([Middleware(RootPath, root_path=settings.root_path)] if settings.root_path else []),
-            Middleware(Observe, metrics=metrics, log=request_log),
+            Middleware(Observe, metrics=metrics, log=request_log, tracer=tracer),
             *cors(settings),
             *([Middleware(RequireKey, **key_options(settings))] if settings.auth_required else []),
             Middleware(Admission, gate=gate, max_body=settings.max_body_bytes),
@@ -302,6 +316,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(oip.ProtocolError, protocol_error_handler)
     app.add_exception_handler(CoreError, core_error_handler)
     return app
+
+
+def tracing(settings: Settings, metrics: Metrics) -> Tracer | None:
+    """The tracer when the OTEL_ settings ask for traces (the lifespan gives it its export,
+    service.server.otel); None, and OpenTelemetry never imported, when they do not."""
+    if not settings.traces:
+        return None
+    return Tracer(sampler(settings.otel_traces_sampler, settings.otel_traces_sampler_arg), None, metrics.exemplar)
 
 
 def cors(settings: Settings) -> list[Middleware]:

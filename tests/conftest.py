@@ -82,12 +82,13 @@ def free_port() -> int:
 
 
 def server_env(**settings: str) -> dict[str, str]:
-    """The environment with no ENCODER_ variables but those given (and no drain on SIGTERM), and
+    """The environment with no ENCODER_ or OTEL_ variables but those given (and no drain on SIGTERM), and
     a free port for `encoding-service serve`'s gRPC unless one is given."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ENCODER_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ENCODER_", "OTEL_"))}
     env["ENCODER_SHUTDOWN_DELAY"] = "0"  # tests stop servers at once, unless they test the drain
     env["ENCODER_GRPC_PORT"] = str(free_port())  # never the default 8001: servers run side by side
-    env.update({f"ENCODER_{k.upper()}": v for k, v in settings.items()})
+    # OpenTelemetry's own variables (OTEL_TRACES_EXPORTER=...) go in as they are named.
+    env.update({k if k.startswith("OTEL_") else f"ENCODER_{k.upper()}": v for k, v in settings.items()})
     return env
 
 

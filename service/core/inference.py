@@ -19,6 +19,7 @@ from enum import StrEnum
 from typing import Any, NamedTuple
 
 from service.core.metrics import Metrics
+from service.core.traces import TRACE, Span
 from service.models.encoders import DECODE_LIMIT, Array, Batch, Model, ModelError
 from service.models.kinds import KINDS, Kind
 
@@ -196,6 +197,8 @@ class Core:
         """As `encode`, for one kind: the path of a /v1 request, kept short."""
         rows = self._admit(served, x, kind.sampled, samples)
         drawn = self.draw_seed(seed) if kind.sampled else None
+        if (span := TRACE.get()) is not None:  # a sampled request's (traces on)
+            traced(span, rows, samples if kind.sampled else 0, seed)
         arrays = kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
         self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
         return Encoded(arrays, drawn)
@@ -209,6 +212,8 @@ class Core:
         sampled = any(kind.sampled for kind in kinds)
         rows = self._admit(served, x, sampled, samples)
         drawn = self.draw_seed(seed) if sampled else None
+        if (span := TRACE.get()) is not None:
+            traced(span, rows, samples if sampled else 0, seed)
         arrays: dict[str, Array] = {}
         for kind in kinds:
             arrays |= kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
@@ -251,6 +256,11 @@ class Core:
         if not kind.has_decoder(served.model):
             message = "the served weights have no decoder; train some with: encoding-service train"
             raise CoreError(Problem.NO_DECODER, message)
+
+
+def traced(span: Span, rows: int, samples: int, seed: int | None) -> None:
+    """What a traced request asked: rows, samples of z per row (0 when none are drawn), whether it gave a seed."""
+    span.attributes |= {"encoder.rows": rows, "encoder.samples": samples, "encoder.seeded": seed is not None}
 
 
 def warm_up(model: Model) -> None:

@@ -7,9 +7,10 @@ import logging
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NotRequired
 
 import orjson
 from prometheus_client import CollectorRegistry
@@ -20,6 +21,7 @@ from prometheus_client.metrics_core import (
     InfoMetricFamily,
     Metric,
 )
+from prometheus_client.samples import Exemplar
 from pydantic import TypeAdapter, ValidationError
 from typing_extensions import TypedDict
 
@@ -35,6 +37,7 @@ CODE_NAMES = {
     10: "ABORTED", 11: "OUT_OF_RANGE", 12: "UNIMPLEMENTED", 13: "INTERNAL", 14: "UNAVAILABLE",
     15: "DATA_LOSS", 16: "UNAUTHENTICATED",
 }  # fmt: skip
+SPANS = ("exported", "queue_full", "export_failed")
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
@@ -48,6 +51,7 @@ class Snapshot(TypedDict):
     rows: dict[str, int]
     samples: dict[str, int]
     refused: dict[str, int]
+    spans: NotRequired[dict[str, int]]
 
 
 SNAPSHOT = TypeAdapter(Snapshot)
@@ -75,6 +79,9 @@ class Counts:
         self.rows: dict[str, int] = {}  # "model|version|kind" -> rows
         self.samples: dict[str, int] = {}  # "model|version" -> samples of z
         self.refused: dict[str, int] = {}  # reason -> requests refused with 503 (service.web.admission)
+        # Spans of sampled requests (service.server.otel): exported, or dropped and why. The keys are
+        # all here from the start: the export thread only adds to their values.
+        self.spans: dict[str, int] = dict.fromkeys(SPANS, 0)
 
     def snapshot(self) -> dict[str, Any]:
         """The counts as plain data, as a worker's file holds them (Counts.add reads it back)."""
@@ -86,6 +93,7 @@ class Counts:
             "rows": self.rows,
             "samples": self.samples,
             "refused": self.refused,
+            "spans": dict(self.spans),
         }
 
     def add(self, data: dict[str, Any], live: bool) -> None:
@@ -104,6 +112,9 @@ class Counts:
             self.samples[key] = self.samples.get(key, 0) + count
         for key, count in data["refused"].items():
             self.refused[key] = self.refused.get(key, 0) + count
+        for key, count in data.get("spans", {}).items():
+            if key in self.spans:
+                self.spans[key] += count
 
 
 class Metrics(Counts):
@@ -136,6 +147,9 @@ class Metrics(Counts):
         self.shared = shared
         self.catch_up: Callable[[], None] = lambda: None  # counts what is kept for later: RequestLog sets it
         self.complained: set[str] = set()  # the problems logged once already
+        # The latest sampled request's trace in each latency bucket, by route (this worker's only):
+        # the histograms' exemplars, in the OpenMetrics format.
+        self.exemplars: dict[str, list[Exemplar | None]] = {}
         self.registry.register(self)
 
     def route(self, path: str) -> str:
@@ -157,6 +171,16 @@ class Metrics(Counts):
             latency = self.latency[route] = [0.0] * (len(LATENCY_BUCKETS) + 2)
         latency[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1  # le: a bucket counts what is <= its bound
         latency[-1] += seconds
+
+    def exemplar(self, path: str, seconds: float, trace_id: int) -> None:
+        """Keep a traced request as its latency bucket's exemplar (only sampled requests come here)."""
+        route = self.route(path)
+        kept = self.exemplars.get(route)
+        if kept is None:
+            kept = self.exemplars[route] = [None] * (len(LATENCY_BUCKETS) + 1)
+        kept[bisect.bisect_left(LATENCY_BUCKETS, seconds)] = Exemplar(
+            {"trace_id": f"{trace_id:032x}"}, seconds, time.time()
+        )
 
     def encoded(self, served: Any, kind: str, rows: int, samples: int = 0) -> None:
         """Count rows a model version (a service.core.inference.Served) encoded with a kind."""
@@ -244,9 +268,11 @@ class Metrics(Counts):
         )
         for route, in_buckets in sorted(counts.latency.items()):
             cumulative, buckets = 0.0, []
-            for bound, in_bucket in zip([*map(str, LATENCY_BUCKETS), "+Inf"], in_buckets[:-1], strict=True):
+            exemplars = self.exemplars.get(route) or [None] * len(in_buckets[:-1])
+            bounds = [*map(str, LATENCY_BUCKETS), "+Inf"]
+            for bound, in_bucket, exemplar in zip(bounds, in_buckets[:-1], exemplars, strict=True):
                 cumulative += in_bucket
-                buckets.append((bound, cumulative))
+                buckets.append((bound, cumulative) if exemplar is None else (bound, cumulative, exemplar))
             family = durations if route.startswith(GRPC_METHODS) else latency
             family.add_metric([route], buckets, sum_value=in_buckets[-1])
         yield latency
@@ -261,6 +287,18 @@ class Metrics(Counts):
         for reason in ("memory_budget", "requests_in_progress"):
             refused.add_metric([reason], counts.refused.get(reason, 0))
         yield refused
+        yield CounterMetricFamily(
+            "encoder_spans_exported", "Spans of sampled requests sent to the collector.", value=counts.spans["exported"]
+        )
+        dropped = CounterMetricFamily(
+            "encoder_spans_dropped",
+            "Spans of sampled requests not sent: the queue was full (OTEL_BSP_MAX_QUEUE_SIZE; a collector "
+            "slow or down), or the export failed.",
+            labels=["reason"],
+        )
+        for reason in SPANS[1:]:
+            dropped.add_metric([reason], counts.spans[reason])
+        yield dropped
         rows = CounterMetricFamily(
             "encoder_rows_encoded", "Rows encoded, by model, version and kind.", labels=["model", "version", "kind"]
         )

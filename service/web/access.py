@@ -16,24 +16,29 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.metrics import Metrics
+from service.core.traces import TRACE, Tracer
+from service.core.traces import headers as trace_headers
 from service.server.flags import ANSWERED, TIMED_OUT
+from service.web.admission import UNLIMITED
 from service.web.paths import route_path
 
 REQUEST_ID = re.compile(rb"[A-Za-z0-9._:@/+=-]{1,128}")
 
 
-# What is kept of a request: time, request id, method, path, status, seconds, bytes, client, and
-# the model version that answered it (a service.core.inference.Served), if any.
-Request = tuple[float, bytes, str, str, int, float, int, tuple[str, int] | None, Any]
+# What is kept of a request: time, request id, method, path, status, seconds, bytes, client, the
+# model version that answered it (a service.core.inference.Served), if any, and its trace id and
+# span id when it was traced or came with a traceparent (service.core.traces).
+Request = tuple[float, bytes, str, str, int, float, int, tuple[str, int] | None, Any, tuple[bytes, bytes] | None]
 # One access-log line, as JsonFormatter would write it (the time in ISO 8601, UTC, to the millisecond).
 LINE = (
     b'{"time":"%s.%03d+00:00","level":"info","logger":"service.access","message":"request","request_id":"%s",'
-    b'"method":%s,"path":%s,"status":%d,"duration_ms":%.3f,"response_bytes":%d,"client":%s%s}\n'
+    b'"method":%s,"path":%s,"status":%d,"duration_ms":%.3f,"response_bytes":%d,"client":%s%s%s}\n'
 )
+TRACED = (b',"trace_id":"%s","span_id":"%s"', b" trace_id=%s span_id=%s")  # JSON, text
 # Lines of requests that a model answered end with its name and version, made once a version
 # (service.core.inference.Served.log): ,"model":"digits","version":2 or model=digits version=2
 # The same, as text (ENCODER_LOG_FORMAT=text): what a client controls still goes in quotes, escaped.
-TEXT_LINE = b"%s.%03dZ INFO service.access: request_id=%s %s %s %d %.3fms %dB client=%s%s\n"
+TEXT_LINE = b"%s.%03dZ INFO service.access: request_id=%s %s %s %d %.3fms %dB client=%s%s%s\n"
 
 
 class RequestLog:
@@ -85,10 +90,11 @@ class RequestLog:
         size: int,
         client: tuple[str, int] | None,
         answered: Any = None,
+        trace: tuple[bytes, bytes] | None = None,
     ) -> None:
         """Keep one request, stamped with the time now."""
         kept = self.kept
-        kept.append((time.time(), request_id, method, path, status, seconds, size, client, answered))
+        kept.append((time.time(), request_id, method, path, status, seconds, size, client, answered, trace))
         if len(kept) == self.KEEP:  # soon, but after this step: its response goes out first
             if self.pending is not None:
                 self.pending.cancel()
@@ -107,7 +113,7 @@ class RequestLog:
         if not kept:
             return
         observe, route = self.metrics.observe, self.metrics.route
-        for _, _, method, path, status, seconds, _, _, _ in kept:
+        for _, _, method, path, status, seconds, _, _, _, _ in kept:
             observe(route(path), method, status, seconds)
         self.metrics.publish()
         if self.access_log:
@@ -130,8 +136,8 @@ class RequestLog:
     def lines(self, kept: list[Request]) -> Iterator[bytes]:
         """The lines (JSON, or text), made with one template: the request id is a safe token (REQUEST_ID, or
         made here), the numbers are numbers, and the strings a client controls are encoded by orjson."""
-        dumps, template = orjson.dumps, self.template
-        for at, request_id, method, path, status, seconds, size, client, answered in kept:
+        dumps, template, traced = orjson.dumps, self.template, TRACED[self.text]
+        for at, request_id, method, path, status, seconds, size, client, answered, trace in kept:
             second = int(at)
             if second != self.second[0]:  # the time up to the second is made once a second
                 self.second = (second, datetime.fromtimestamp(second, UTC).strftime("%Y-%m-%dT%H:%M:%S").encode())
@@ -146,6 +152,7 @@ class RequestLog:
                 size,
                 dumps(client[0] if client else ""),
                 b"" if answered is None else answered.log[self.text],
+                b"" if trace is None else traced % trace,
             )
 
 
@@ -153,10 +160,11 @@ class Observe:
     """Give every request an id (its X-Request-ID if it sends a sane one), and keep when it ended,
     how and how long it took, never what it sent, for the metrics and the access log (RequestLog)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics, log: RequestLog) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, log: RequestLog, tracer: Tracer | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.log = log
+        self.tracer = tracer  # None unless traces are configured: then nothing of them runs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -177,6 +185,15 @@ class Observe:
 
         metrics = self.metrics
         metrics.in_flight += 1
+        span = token = None
+        if self.tracer is not None:
+            traceparent, tracestate = trace_headers(scope["headers"])
+            # Probes and scrapes start no trace of their own: they join a caller's, if it sent one.
+            if traceparent is not None or not route_path(scope).startswith(UNLIMITED):
+                span = self.tracer.start(traceparent, tracestate)
+            if span is not None and span.sampled:
+                token = TRACE.set(span)
+                span.attributes |= http_attributes(scope)
         try:
             await self.app(scope, receive, observed_send)
         finally:
@@ -184,16 +201,30 @@ class Observe:
             if TIMED_OUT in scope:  # the server answered 408 itself
                 status, size = 408, 0
             elapsed = time.perf_counter() - started
+            path, answered = route_path(scope), scope.get(ANSWERED)
+            trace = None
+            if span is not None and self.tracer is not None:
+                if token is not None:
+                    TRACE.reset(token)
+                self.tracer.end(span, scope["method"], path, status, elapsed, answered)
+                trace = span.ids if span.logged else None
             self.log.request(
-                request_id,
-                scope["method"],
-                route_path(scope),
-                status,
-                elapsed,
-                size,
-                scope.get("client"),
-                scope.get(ANSWERED),
+                request_id, scope["method"], path, status, elapsed, size, scope.get("client"), answered, trace
             )
+
+
+def http_attributes(scope: Scope) -> dict[str, Any]:
+    """A traced request's attributes that its scope holds (OpenTelemetry's HTTP semantic conventions)."""
+    attributes: dict[str, Any] = {"url.scheme": scope.get("scheme", "http")}
+    attributes["network.protocol.version"] = scope.get("http_version", "1.1")
+    if client := scope.get("client"):
+        attributes["client.address"] = client[0]
+    if server := scope.get("server"):
+        attributes["server.address"], attributes["server.port"] = server[0], server[1]
+    for name, value in scope["headers"]:
+        if name == b"user-agent":
+            attributes["user_agent.original"] = value.decode("latin-1")
+    return attributes
 
 
 def _request_id(scope: Scope) -> bytes:

@@ -15,6 +15,7 @@ from pydantic import BaseModel
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.core.traces import TRACE
 from service.server.flags import ANSWERED
 from service.web.bodies import parse_json_body
 from service.web.negotiation import negotiate
@@ -88,16 +89,25 @@ class LeanRoute(APIRoute):
             dependencies.append((name, depends[0].dependency))
 
         async def lean(scope: Scope, receive: Receive, send: Send) -> None:
+            span = TRACE.get()  # a sampled request's span (traces on): its phases are timed
+            if span is not None:
+                span.begin()
             asked = dict(scope["headers"])
             request = Request(scope, receive)
             arguments = {name: await dependency(request) for name, dependency in dependencies}
             if body is not None:
                 name, model = body
                 arguments[name] = await parse_json_body(asked.get(b"content-type"), receive, model)
+            if span is not None:
+                span.mark("parse")
             result: Renderable = await endpoint(**arguments)
+            if span is not None:
+                span.mark("compute")
             # Rendered before anything is sent, so that an error can still be answered.
             media_type = negotiate(asked.get(b"accept"), result.MEDIA_TYPES)
             content = result.render(media_type)
+            if span is not None:
+                span.mark("encode")
             headers = [(b"content-type", media_type), (b"content-length", str(len(content)).encode())]
             answered = scope.get(ANSWERED)  # who answered, when a dependency resolved a model
             if answered is not None and answered.headers:

@@ -26,6 +26,7 @@ import pytest
 from service.models import weights
 from service.models.encoders import seeded
 from tests.conftest import ROOT, free_port
+from tests.server.test_traces import Collector
 
 BASE = "docker.io/library/python:3.11-slim"
 IMAGE = "localhost/encoding-service:test"
@@ -173,3 +174,21 @@ def test_weights_mounted_read_only(image: str, tmp_path: Path) -> None:
         assert (info["fingerprint"], info["input_dim"], info["file"]) == (model.fingerprint(), 12, "model.safetensors")
     finally:
         running.remove()
+
+
+def test_the_image_sends_traces(image: str) -> None:
+    """The image has the otel extra: set the OTEL_ variables and a request's span reaches a collector."""
+    traceparent = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"
+    with Collector() as collector:
+        env = {"OTEL_EXPORTER_OTLP_ENDPOINT": collector.url, "OTEL_BSP_SCHEDULE_DELAY": "50"}
+        running = Container(image, env=env)
+        try:
+            running.wait_ready()
+            body = {"inputs": [[0, 1, 1, 0, 1]]}
+            headers = {"traceparent": traceparent}
+            assert httpx.post(f"{running.url}/v1/autoencoder/encode", json=body, headers=headers).status_code == 200
+            spans = collector.wait_for(4)
+        finally:
+            running.remove()
+    server = next(span for span in spans if span["name"] == "POST /v1/autoencoder/encode")
+    assert (server["trace_id"], server["parent"]) == ("0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331")

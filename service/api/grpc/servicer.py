@@ -25,6 +25,8 @@ from service.core.control import change
 from service.core.gate import Gate, body_cost
 from service.core.inference import Core, CoreError, Problem, Served
 from service.core.metrics import GRPC
+from service.core.traces import TRACE, Tracer
+from service.core.traces import headers as trace_headers
 from service.server.flags import DRAINING
 from service.web.access import REQUEST_ID, RequestLog, new_request_id
 from service.web.auth import Keys, Refusal, presented_key, refuse
@@ -66,6 +68,14 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
         async def call(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code, message, response, served = StatusCode.OK, "", None, None
+            tracer: Tracer | None = self.state.get("tracer")
+            span = token = None
+            if tracer is not None:
+                span = tracer.start(*_trace_metadata(context))
+                if span.sampled:
+                    token = TRACE.set(span)
+                    if client := _client(context.peer()):
+                        span.attributes["client.address"] = client[0]
             try:
                 self.authorize(context, administers)
                 response, served = await self.admitted(handler, request, context)
@@ -82,7 +92,13 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
                 raise
             finally:
                 size = response.ByteSize() if response is not None else 0
-                self.log_call(context, path, code, time.perf_counter() - started, size, served)
+                seconds, trace = time.perf_counter() - started, None
+                if span is not None and tracer is not None:
+                    if token is not None:
+                        TRACE.reset(token)
+                    tracer.end(span, GRPC, path, code.value[0], seconds, served)
+                    trace = span.ids if span.logged else None
+                self.log_call(context, path, code, seconds, size, served, trace)
             await context.abort(code, message)
 
         call.__name__ = name
@@ -136,6 +152,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         seconds: float,
         size: int,
         served: Served | None,
+        trace: tuple[bytes, bytes] | None = None,
     ) -> None:
         log: RequestLog | None = self.state.get("log")
         if log is None:  # before the app has started: nothing counts or logs yet
@@ -145,7 +162,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
             if key == "x-request-id" and REQUEST_ID.fullmatch(_bytes(value)):
                 request_id = _bytes(value)
         request_id = request_id or new_request_id()
-        log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served)
+        log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served, trace)
 
     def core(self) -> Core:
         core: Core | None = self.state.get("core")
@@ -202,11 +219,20 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         core = self.core()
         served, kinds = core.answering(request.model_name, request.model_version or None)
         outputs = tuple(output for kind in kinds for output in kind.outputs)
+        span = TRACE.get()
+        if span is not None:
+            span.begin()
         decoded, raw = tensors.decode(request, request.model_name, served.input_dim, outputs)
         _in_time(context)
+        if span is not None:
+            span.mark("parse")
         out = oip.infer(core, served, kinds, decoded)
         _in_time(context)  # computing is not interrupted; its answer is dropped once it is too late
+        if span is not None:
+            span.mark("compute")
         response = tensors.encode(request.model_name, str(served.version), decoded, out.arrays, out.seed, raw)
+        if span is not None:
+            span.mark("encode")
         return response, served
 
     @rpc("RepositoryIndex")
@@ -242,6 +268,11 @@ def _in_time(context: grpc.aio.ServicerContext) -> None:
     remaining = context.time_remaining()
     if remaining is not None and remaining <= 0:
         raise Failed(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+
+
+def _trace_metadata(context: grpc.aio.ServicerContext) -> tuple[bytes | None, bytes | None]:
+    """A call's traceparent and tracestate, from its metadata."""
+    return trace_headers([(key.encode(), _bytes(value)) for key, value in context.invocation_metadata() or ()])
 
 
 def _bytes(value: str | bytes) -> bytes:

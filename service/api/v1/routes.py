@@ -15,7 +15,9 @@ from typing import Any
 
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import PlainTextResponse
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.openmetrics.exposition import CONTENT_TYPE_LATEST as OPENMETRICS
 
 from service.api.served import AnsweringDep, CoreDep
 from service.api.v1.arrays import SAFETENSORS
@@ -377,15 +379,25 @@ async def named_model(at: AnsweringDep) -> ModelInfo:
 @router.get(
     "/metrics",
     response_class=PlainTextResponse,
-    responses={200: {"content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}},
+    responses={
+        200: {
+            "content": {
+                CONTENT_TYPE_LATEST: {"schema": {"type": "string"}},
+                OPENMETRICS: {"schema": {"type": "string"}},
+            }
+        }
+    },
     tags=["health"],
     summary="Prometheus metrics",
 )
 async def metrics(request: Request) -> PlainTextResponse:
     """Requests by route and status, latency histograms, rows and samples encoded, the model's
-    fingerprint (`encoder_model_info`), in the Prometheus text format."""
+    fingerprint (`encoder_model_info`), spans exported and dropped, in the Prometheus text format;
+    in the OpenMetrics format when the Accept header asks for it (as Prometheus does), where the
+    latency histograms carry the trace id of a sampled request as an exemplar (traces on)."""
     registry = request.app.metrics.registry
-    return PlainTextResponse(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+    encode, media_type = choose_encoder(request.headers.get("accept", ""))
+    return PlainTextResponse(encode(registry), media_type=media_type)
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness")

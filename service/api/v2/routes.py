@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from service.api.served import core_of
 from service.api.v2 import codec as oip
 from service.core.inference import Core, Served
+from service.core.traces import TRACE
 from service.models.kinds import Kind
 from service.server.flags import ANSWERED, DRAINING
 
@@ -178,12 +179,21 @@ async def infer(model_name: str, request: Request, model_version: str | None = N
     only their kinds are computed. `autoencoder` and `vae` are the default model's two kinds, with
     their outputs alone. The VAE takes parameters `seed` and `samples`; the seed used comes back in
     the response's parameters. The numbers are those of /v1 for the same rows and seed."""
+    span = TRACE.get()  # a sampled request's span (traces on): its phases are timed
+    if span is not None:
+        span.begin()
     core, served, kinds = _answering(request, model_name, model_version)
     body = await request.body()
     outputs = tuple(name for kind in kinds for name in kind.outputs)
     header = request.headers.get("inference-header-content-length")
     decoded = oip.decode(body, header, model_name, served.model.input_dim, outputs)
+    if span is not None:
+        span.mark("parse")
     out = oip.infer(core, served, kinds, decoded)
+    if span is not None:
+        span.mark("compute")
     parameters = {"seed": out.seed} if out.seed is not None else None
     content, headers = oip.encode(model_name, str(served.version), decoded, out.arrays, parameters)
+    if span is not None:
+        span.mark("encode")
     return Response(content, headers=headers | {name.decode(): value.decode() for name, value in served.headers})
