@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
@@ -251,6 +252,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 raise StartupError(str(exc)) from None
             export = tracer.export = Export(settings, app.metrics)
             export.start()
+        # What startup made (modules, models, OpenTelemetry's exporter when traces are on) lives as long
+        # as the process: frozen, the collector no longer walks it at every full collection. Measured
+        # (bench/paired.py): neutral with traces off, about 6% of a one-row request with them on.
+        gc.freeze()
         try:
             yield {
                 "core": core,
@@ -265,6 +270,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             for task in tasks:
                 task.cancel()
             app.request_log.flush()
+            gc.unfreeze()
             if export is not None:
                 await export.stop()  # what is kept goes out before the process exits
 

@@ -7,7 +7,7 @@ Nothing here imports OpenTelemetry, and nothing here runs unless traces are conf
 OTEL_ settings): with them unset a request never reaches this module.
 
     tracer = Tracer(sampler("parentbased_traceidratio", 0.01), export)
-    span = tracer.start(traceparent, tracestate)   # every request: ids, and sampled or not
+    span = tracer.start(traceparent, tracestate)   # sampled or not; None: not sampled, no caller's trace
     token = TRACE.set(span) if span.sampled else None
     ...                                            # span.mark("parse"), span.attributes[...] = ...
     tracer.end(span, status)                        # a sampled span goes to `export`
@@ -158,10 +158,15 @@ class Tracer:
         self.export = export  # set by the app's lifespan (service.main), which starts and stops it
         self.exemplar = exemplar  # Metrics.exemplar: a sampled request's trace beside its latency
 
-    def start(self, traceparent: bytes | None, tracestate: bytes | None = None) -> Span:
-        parent = parse_traceparent(traceparent, tracestate)
+    def start(self, traceparent: bytes | None, tracestate: bytes | None = None) -> Span | None:
+        """The request's span; None for one that is neither sampled nor part of a caller's trace
+        (the commonest kind with a ratio sampler: it costs a random number and a comparison)."""
+        parent = parse_traceparent(traceparent, tracestate) if traceparent is not None else None
         trace_id = parent.trace_id if parent is not None else _nonzero(128)
-        return Span(trace_id, _nonzero(64), parent, self.sample(parent, trace_id))
+        sampled = self.sample(parent, trace_id)
+        if not sampled and parent is None:
+            return None
+        return Span(trace_id, _nonzero(64), parent, sampled)
 
     def end(self, span: Span, method: str, path: str, status: int, seconds: float, answered: Any = None) -> None:
         """The request ended with `status` (an HTTP status, or a gRPC code's number for method GRPC)

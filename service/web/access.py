@@ -188,9 +188,10 @@ class Observe:
         span = token = None
         if self.tracer is not None:
             traceparent, tracestate = trace_headers(scope["headers"])
+            span = self.tracer.start(traceparent, tracestate)
             # Probes and scrapes start no trace of their own: they join a caller's, if it sent one.
-            if traceparent is not None or not route_path(scope).startswith(UNLIMITED):
-                span = self.tracer.start(traceparent, tracestate)
+            if span is not None and span.parent is None and route_path(scope).startswith(UNLIMITED):
+                span = None
             if span is not None and span.sampled:
                 token = TRACE.set(span)
                 span.attributes |= http_attributes(scope)

@@ -72,7 +72,7 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
             span = token = None
             if tracer is not None:
                 span = tracer.start(*_trace_metadata(context))
-                if span.sampled:
+                if span is not None and span.sampled:
                     token = TRACE.set(span)
                     if client := _client(context.peer()):
                         span.attributes["client.address"] = client[0]
