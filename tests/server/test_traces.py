@@ -293,6 +293,14 @@ def test_a_sampled_out_request_leaves_no_span_but_its_ids_in_the_log(
     assert PARENT_ID not in {line["span_id"] for line in lines[:2]}
 
 
+def test_the_text_access_log_names_the_trace_too(collector: Collector, capfd: pytest.CaptureFixture[str]) -> None:
+    with traced_app(collector, log_format="text") as client:
+        assert client.post("/v1/autoencoder/encode", json=ROW, headers={"traceparent": SAMPLED}).status_code == 200
+    server = next(span for span in collector.spans() if span["kind"] == SERVER)
+    line = next(line for line in capfd.readouterr().out.splitlines() if "/v1/autoencoder/encode" in line)
+    assert line.endswith(f" trace_id={TRACE_ID} span_id={server['span_id']}")
+
+
 def test_probes_and_scrapes_start_no_trace(collector: Collector) -> None:
     with traced_app(collector) as client:
         for path in ("/healthz", "/readyz", "/metrics", "/v2/health/ready"):
