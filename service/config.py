@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.core.traces import SamplerName
+
 ROOT_PATH = r"^(/[^/\s]+)*$"  # "" or "/api", "/a/b": no trailing slash
 KEY = re.compile(r"[!-~]+")  # an API key: printable ASCII without spaces, as a header carries it
 
@@ -166,14 +168,7 @@ class Settings(BaseSettings):
     otel_service_name: str | None = Field(default=None, min_length=1, validation_alias="OTEL_SERVICE_NAME")
     """The service.name of the traces (over OTEL_RESOURCE_ATTRIBUTES'); unset: encoding-service."""
 
-    otel_traces_sampler: Literal[
-        "always_on",
-        "always_off",
-        "traceidratio",
-        "parentbased_always_on",
-        "parentbased_always_off",
-        "parentbased_traceidratio",
-    ] = Field(default="parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER")
+    otel_traces_sampler: SamplerName = Field(default="parentbased_always_on", validation_alias="OTEL_TRACES_SAMPLER")
     """Which requests are traced: parent-based samplers follow the caller's `traceparent` (its
     sampled flag) and decide alone for a request without one; `traceidratio` keeps a share of traces."""
 

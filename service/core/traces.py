@@ -20,7 +20,7 @@ import re
 import time
 from collections.abc import Callable
 from contextvars import ContextVar
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple, get_args
 
 # A sampled request's span while it is handled, for the code that adds what it knows (rows, phases);
 # None for every other request, and always when traces are off (nothing sets it).
@@ -29,14 +29,16 @@ TRACE: ContextVar[Span | None] = ContextVar("encoding_service.trace", default=No
 # version "-" trace-id "-" parent-id "-" trace-flags, lowercase hex (W3C Trace Context, level 1)
 TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
 TRACESTATE_MOST = 512  # characters of tracestate passed on; a longer one is dropped (the spec allows that)
-SAMPLERS = (
+# OpenTelemetry's standard samplers (OTEL_TRACES_SAMPLER)
+SamplerName = Literal[
     "always_on",
     "always_off",
     "traceidratio",
     "parentbased_always_on",
     "parentbased_always_off",
     "parentbased_traceidratio",
-)
+]
+SAMPLERS: tuple[str, ...] = get_args(SamplerName)
 ID_LIMIT = (1 << 64) - 1  # TraceIdRatioBased compares the trace id's low 64 bits with its bound
 
 
