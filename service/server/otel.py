@@ -81,6 +81,7 @@ class Export:
         self.timeout = settings.otel_bsp_export_timeout / 1000
         self.queue: deque[Kept] = deque()
         self.queued = 0  # spans in the queue (a request's server span and its children)
+        self.lock = threading.Lock()  # over the queue and its count: the loop adds, the thread takes
         self.wake = threading.Event()
         self.stopping = False
         self.thread: threading.Thread | None = None
@@ -88,12 +89,14 @@ class Export:
     def __call__(self, span: Span, method: str, path: str, status: int) -> None:
         """Keep a sampled request's spans for the next export, or drop and count them if the queue is full."""
         size = 1 + len(span.phases)
-        if self.queued + size > self.most or self.stopping:
+        with self.lock:
+            full = self.queued + size > self.most or self.stopping
+            if not full:
+                self.queue.append((span, method, path, status))
+                self.queued += size
+        if full:
             self.metrics.spans["queue_full"] += size
-            return
-        self.queue.append((span, method, path, status))
-        self.queued += size
-        if self.queued >= self.batch and not self.wake.is_set():
+        elif self.queued >= self.batch and not self.wake.is_set():
             self.wake.set()
 
     def start(self) -> None:
@@ -124,10 +127,10 @@ class Export:
     def _send(self) -> None:
         spans: list[ReadableSpan] = []
         while self.queue and len(spans) < self.batch:
-            kept = self.queue.popleft()
-            made = self.spans(*kept)
-            self.queued -= len(made)
-            spans.extend(made)
+            with self.lock:
+                kept = self.queue.popleft()
+                self.queued -= 1 + len(kept[0].phases)
+            spans.extend(self.spans(*kept))
         try:
             result = self.sender.export(spans)
         except Exception:  # an exporter's bug must not end the thread

@@ -566,3 +566,48 @@ def test_the_kubernetes_example_in_the_docs_turns_traces_on(monkeypatch: pytest.
     from service.server.otel import resource
 
     assert resource(settings).attributes["deployment.environment"] == "production"
+
+
+def test_every_span_is_exported_or_counted_as_dropped() -> None:
+    """The event loop adds while the export thread takes: no span is lost or counted twice."""
+    import asyncio
+
+    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+
+    from service.core.metrics import Metrics
+    from service.core.traces import Span
+    from service.server.otel import Export
+
+    class Slow(SpanExporter):
+        received = 0
+
+        def export(self, spans: Any) -> SpanExportResult:
+            Slow.received += len(spans)
+            time.sleep(0.0005)
+            return SpanExportResult.SUCCESS
+
+        def shutdown(self) -> None:
+            pass
+
+    settings = Settings(
+        otel_traces_exporter="otlp",
+        otel_bsp_max_queue_size=40,
+        otel_bsp_schedule_delay=1,
+        otel_bsp_max_export_batch_size=8,
+    )
+    metrics = Metrics(routes=["/v1/vae/encode"])
+    export = Export(settings, metrics, sender=Slow())
+    export.start()
+    total = 0
+    for n in range(5000):
+        span = Span(n + 1, n + 1, None, True)
+        for phase in ("parse", "compute", "encode")[: n % 4]:
+            span.mark(phase)
+        export(span, "POST", "/v1/vae/encode", 200)
+        total += 1 + n % 4
+    asyncio.run(export.stop())
+    assert export.queued == 0
+    assert metrics.spans["exported"] == Slow.received
+    assert metrics.spans["exported"] + metrics.spans["queue_full"] == total
+    assert metrics.spans["queue_full"] > 0
+    assert metrics.spans["exported"] > 0
