@@ -146,7 +146,7 @@ class Settings(BaseSettings):
     otel_traces_exporter: Literal["otlp", "none"] | None = Field(default=None, validation_alias="OTEL_TRACES_EXPORTER")
     """`otlp` sends traces to OTEL_EXPORTER_OTLP_ENDPOINT; `none`, or unset with no endpoint set, sends
     none, and requests pay nothing for traces. Unset with an endpoint set: `otlp`. Needs the `otel`
-    extra (`pip install encoding-service[otel]`; the image has it)."""
+    extra (from a clone, `pip install -e '.[otel]'`; the image has it)."""
 
     otel_exporter_otlp_endpoint: str | None = Field(
         default=None, pattern=r"^https?://\S+$", validation_alias="OTEL_EXPORTER_OTLP_ENDPOINT"

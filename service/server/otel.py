@@ -29,7 +29,7 @@ try:
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
     from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 except ImportError as exc:  # the extra is missing: create_app says so in one line
-    raise ImportError(f"traces need the otel extra (pip install 'encoding-service[otel]'): {exc}") from None
+    raise ImportError(f"traces need the otel extra (from a clone: pip install -e '.[otel]'): {exc}") from None
 
 logger = logging.getLogger("service.traces")
 

@@ -391,7 +391,7 @@ def test_without_the_otel_extra_the_start_fails_in_one_line(monkeypatch: pytest.
     monkeypatch.delitem(sys.modules, "service.server.otel", raising=False)
     monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if not installed
     app = create_app(Settings(otel_traces_exporter="otlp"))
-    needs = r"traces need the otel extra \(pip install 'encoding-service\[otel\]'\)"
+    needs = r"traces need the otel extra \(from a clone: pip install -e '\.\[otel\]'\)"
     with pytest.raises(StartupError, match=needs), TestClient(app):
         pass
 
