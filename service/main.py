@@ -248,9 +248,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if tracer is not None:
             try:
                 from service.server.otel import Export
-            except ImportError as exc:  # the otel extra is not installed
-                raise StartupError(str(exc)) from None
-            export = tracer.export = Export(settings, app.metrics)
+
+                export = Export(settings, app.metrics)
+            except ImportError as exc:  # the otel extra is not installed, or only part of it
+                raise StartupError(
+                    f"traces need the otel extra (from a clone: pip install -e '.[otel]'): {exc}"
+                ) from None
+            tracer.export = export
             export.start()
         # What startup made (modules, models, OpenTelemetry's exporter when traces are on) lives as long
         # as the process: frozen, the collector no longer walks it at every full collection. Measured

@@ -17,19 +17,16 @@ import threading
 from collections import deque
 from typing import Any
 
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import ReadableSpan
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
+
 from service import __version__
 from service.config import Settings
 from service.core.metrics import GRPC, Metrics
 from service.core.traces import Span
-
-try:
-    from opentelemetry.sdk.resources import Resource
-    from opentelemetry.sdk.trace import ReadableSpan
-    from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
-    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
-    from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
-except ImportError as exc:  # the extra is missing: create_app says so in one line
-    raise ImportError(f"traces need the otel extra (from a clone: pip install -e '.[otel]'): {exc}") from None
 
 logger = logging.getLogger("service.traces")
 

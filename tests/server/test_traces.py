@@ -389,11 +389,13 @@ def test_a_server_span_is_an_error_as_the_semantic_conventions_say(
 
 def test_without_the_otel_extra_the_start_fails_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delitem(sys.modules, "service.server.otel", raising=False)
-    monkeypatch.setitem(sys.modules, "opentelemetry.sdk.trace", None)  # as if not installed
-    app = create_app(Settings(otel_traces_exporter="otlp"))
     needs = r"traces need the otel extra \(from a clone: pip install -e '\.\[otel\]'\)"
-    with pytest.raises(StartupError, match=needs), TestClient(app):
-        pass
+    for missing in ("opentelemetry.sdk.trace", "opentelemetry.exporter.otlp.proto.http.trace_exporter"):
+        monkeypatch.setitem(sys.modules, missing, None)  # as if not installed
+        app = create_app(Settings(otel_traces_exporter="otlp"))
+        with pytest.raises(StartupError, match=needs), TestClient(app):
+            pass
+        monkeypatch.delitem(sys.modules, missing)
 
 
 def test_unset_nothing_of_opentelemetry_is_imported() -> None:
