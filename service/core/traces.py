@@ -28,6 +28,8 @@ TRACE: ContextVar[Span | None] = ContextVar("encoding_service.trace", default=No
 
 # version "-" trace-id "-" parent-id "-" trace-flags, lowercase hex (W3C Trace Context, level 1)
 TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+DASH = ord("-")
+SAMPLED_DIGITS = b"13579bdf"  # trace-flags' last hex digit when its lowest bit (sampled) is set
 TRACESTATE_MOST = 512  # characters of tracestate passed on; a longer one is dropped (the spec allows that)
 # OpenTelemetry's standard samplers (OTEL_TRACES_SAMPLER)
 SamplerName = Literal[
@@ -54,21 +56,17 @@ class Parent(NamedTuple):
 def parse_traceparent(value: bytes | None, tracestate: bytes | None = None) -> Parent | None:
     """The caller's span, or None for a missing or invalid traceparent (a new trace starts then).
     A version above 00 is read as 00 is, as the spec asks, if what follows its four fields is "-..."."""
-    if value is None or len(value) < 55:
+    if value is None or len(value) < 55 or TRACEPARENT.match(value) is None or value[:2] == b"ff":
         return None
-    match = TRACEPARENT.match(value)
-    if match is None:
+    if len(value) > 55 and (value[:2] == b"00" or value[55] != DASH):
         return None
-    version, trace_id, span_id, flags = match.groups()
-    if version == b"ff" or (len(value) > 55 and (version == b"00" or value[55:56] != b"-")):
-        return None
-    trace, span = int(trace_id, 16), int(span_id, 16)
+    trace, span = int(value[3:35], 16), int(value[36:52], 16)
     if not trace or not span:
         return None
     state = ""
     if tracestate and len(tracestate) <= TRACESTATE_MOST and tracestate.isascii():
         state = tracestate.decode().strip()
-    return Parent(trace, span, bool(int(flags, 16) & 1), state)
+    return Parent(trace, span, value[54] in SAMPLED_DIGITS, state)
 
 
 Sampler = Callable[[Parent | None, int], bool]

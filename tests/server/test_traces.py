@@ -178,6 +178,32 @@ def test_traceparent_is_read_as_w3c_trace_context_says(header: str, expected: Pa
     assert parse_traceparent(header.encode()) == expected
 
 
+HEX = "0123456789abcdef"
+TRACEPARENTS = st.one_of(
+    st.builds(
+        lambda version, trace, span, flags, rest: f"{version}-{trace}-{span}-{flags}{rest}",
+        st.one_of(st.just("00"), st.text(HEX, min_size=2, max_size=2)),
+        st.one_of(st.text(HEX, min_size=32, max_size=32), st.just("0" * 32)),
+        st.one_of(st.text(HEX, min_size=16, max_size=16), st.just("0" * 16)),
+        st.text(HEX, min_size=2, max_size=2),
+        st.one_of(st.just(""), st.text(HEX + "-", max_size=8)),
+    ),
+    st.text(HEX + "-ABCDEFxyz ", max_size=70),
+)
+
+
+@given(TRACEPARENTS)
+def test_traceparent_is_read_as_opentelemetry_s_propagator_reads_it(header: str) -> None:
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    theirs = otel.get_current_span(TraceContextTextMapPropagator().extract({"traceparent": header})).get_span_context()
+    mine = parse_traceparent(header.encode())
+    if not theirs.is_valid:
+        assert mine is None
+    else:
+        assert mine == Parent(theirs.trace_id, theirs.span_id, theirs.trace_flags.sampled, "")
+
+
 def test_tracestate_is_passed_on_unless_too_long() -> None:
     parent = parse_traceparent(SAMPLED.encode(), b"congo=t61rcWkgMzE,rojo=00f067aa0ba902b7")
     assert parent is not None

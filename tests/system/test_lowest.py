@@ -1,5 +1,5 @@
 """The lowest versions pyproject.toml declares do run the service: a throwaway venv of them, made
-with uv (`--resolution lowest-direct`), runs the server tests.
+with uv (`--resolution lowest-direct`, the otel extra included), runs the server tests.
 
 A floor that does not work is a user's broken install: pip keeps whatever older version it finds
 that satisfies the range. This test fails, naming the test that broke, when a change starts using
@@ -37,9 +37,10 @@ SERVER_TESTS = [
     "tests/web/test_auth.py",
     "tests/core/test_repository.py",
     "tests/core/test_hot_swap.py",
+    "tests/server/test_traces.py",  # with the otel extra's floors
 ]
 # What the server tests need besides the service, at versions the lowest runtime ones allow.
-TEST_TOOLS = ["pytest", "hypothesis", "python-mimeparse", "tritonclient[http]"]
+TEST_TOOLS = ["pytest", "hypothesis", "python-mimeparse", "tritonclient[http]", "pyyaml"]
 
 
 def _run(argv: list[str | Path], **options: object) -> subprocess.CompletedProcess[str]:
@@ -49,9 +50,10 @@ def _run(argv: list[str | Path], **options: object) -> subprocess.CompletedProce
 
 
 def _floors() -> dict[str, str]:
-    """Each runtime dependency's declared floor: {"fastapi": "0.120", ...}."""
+    """Each runtime dependency's declared floor, the otel extra's too: {"fastapi": "0.120", ...}."""
     floors = {}
-    for requirement in tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for requirement in project["dependencies"] + project["optional-dependencies"]["otel"]:
         match = re.fullmatch(r"([A-Za-z0-9_.-]+)(?:\[[^]]*\])?>=([0-9.]+)(?:,<[0-9.]+)?", requirement)
         assert match, f"declare {requirement!r} as name>=floor[,<bound]"
         floors[match[1].lower()] = match[2]
@@ -69,7 +71,7 @@ def test_the_server_tests_pass_on_the_lowest_declared_versions() -> None:
 def _lowest(tmp_path: Path) -> None:
     python = tmp_path / "lowest" / "bin" / "python"
     _run([UV, "venv", "-q", tmp_path / "lowest", "--python", sys.executable])
-    _run([UV, "pip", "install", "-q", "--python", python, "--resolution", "lowest-direct", "-e", ROOT])
+    _run([UV, "pip", "install", "-q", "--python", python, "--resolution", "lowest-direct", "-e", f"{ROOT}[otel]"])
     installed = {
         name.lower(): version
         for name, version in (
