@@ -191,6 +191,16 @@ def test_calls_are_logged_and_counted(server: Server, stub: stubs.GRPCInferenceS
         "model": "default",
         "version": 1,
     }
+    bad = infer_request("vae", np.array([[0, 1, 7, 0, 1]], dtype=np.int32), True)
+    with pytest.raises(grpc.RpcError):
+        stub.ModelInfer(bad, metadata=(*KEY, ("x-request-id", "grpc-call-2")))
+    time.sleep(0.5)  # the access log is written in batches, within 0.25 s
+    failed = [json.loads(line) for line in server.output().splitlines() if "grpc-call-2" in line]
+    assert (failed[0]["status"], failed[0]["model"], failed[0]["version"]) == (
+        3,
+        "default",
+        1,
+    )  # named, though it failed
 
 
 def run_client(code: str, server: Server) -> dict:

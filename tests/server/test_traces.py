@@ -523,6 +523,7 @@ def test_serve_traces_rest_and_grpc_and_the_drain_sends_what_is_kept(collector: 
     assert sorted(children) == ["compute", "encode", "parse"]
     mistake = servers[traceparent(30)[0]]
     assert mistake["attributes"]["rpc.grpc.status_code"] == 3
+    assert mistake["attributes"]["encoder.model"] == "default"  # a failed call names the model it asked
     assert mistake["status"] == UNSET
     pids = {span["resource"]["process.pid"] for span in servers.values()}
     assert len(pids) <= int(workers)

@@ -80,13 +80,9 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
                 self.authorize(context, administers)
                 response, served = await self.admitted(handler, request, context)
                 return response
-            except Failed as exc:
-                code, message = exc.code, str(exc)
-            except CoreError as exc:
-                code, message = CODES[exc.problem], str(exc)
-            except oip.ProtocolError as exc:
-                code = StatusCode.NOT_FOUND if exc.status == 404 else StatusCode.INVALID_ARGUMENT
-                message = str(exc)
+            except (Failed, CoreError, oip.ProtocolError) as exc:
+                code, message = _status(exc), str(exc)
+                served = getattr(exc, "answered", None)  # the version asked for, if the call got that far
             except asyncio.CancelledError:  # the client went away, or its deadline passed
                 code = StatusCode.CANCELLED
                 raise
@@ -218,6 +214,14 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         computed (DEADLINE_EXCEEDED)."""
         core = self.core()
         served, kinds = core.answering(request.model_name, request.model_version or None)
+        try:
+            return self._infer(core, served, kinds, request, context), served
+        except (Failed, CoreError, oip.ProtocolError) as exc:
+            exc.answered = served  # type: ignore[union-attr]  # the log line and the span name the model
+            raise
+
+    @staticmethod
+    def _infer(core: Core, served: Served, kinds: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
         outputs = tuple(output for kind in kinds for output in kind.outputs)
         span = TRACE.get()
         if span is not None:
@@ -233,7 +237,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         response = tensors.encode(request.model_name, str(served.version), decoded, out.arrays, out.seed, raw)
         if span is not None:
             span.mark("encode")
-        return response, served
+        return response
 
     @rpc("RepositoryIndex")
     async def RepositoryIndex(self, request: Any, context: Any) -> tuple[Any, None]:
@@ -262,6 +266,15 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
             raise Failed(StatusCode.UNAVAILABLE, "the models are not loaded yet")
         await change(self.core(), control, verb, name)
         return str(name)
+
+
+def _status(exc: Exception) -> StatusCode:
+    """The status a mistake is answered with."""
+    if isinstance(exc, Failed):
+        return exc.code
+    if isinstance(exc, CoreError):
+        return CODES[exc.problem]
+    return StatusCode.NOT_FOUND if getattr(exc, "status", 400) == 404 else StatusCode.INVALID_ARGUMENT
 
 
 def _in_time(context: grpc.aio.ServicerContext) -> None:
