@@ -455,6 +455,9 @@ def test_a_malformed_otel_setting_stops_the_start_naming_it() -> None:
     done = run_app(OTEL_TRACES_EXPORTER="otlp", OTEL_TRACES_SAMPLER_ARG="2")
     assert done.returncode == 1
     assert "OTEL_TRACES_SAMPLER_ARG: Input should be less than or equal to 1" in done.stderr
+    done = run_app(OTEL_EXPORTER_OTLP_ENDPOINT="collector:4318")  # no scheme
+    assert done.returncode == 1
+    assert "OTEL_EXPORTER_OTLP_ENDPOINT: String should match pattern" in done.stderr
     done = run_app(OTEL_TRACES_EXPORTER="jaeger")
     assert done.returncode == 1
     assert "OTEL_TRACES_EXPORTER: Input should be 'otlp' or 'none'" in done.stderr
@@ -532,14 +535,15 @@ def test_serve_traces_rest_and_grpc_and_the_drain_sends_what_is_kept(collector: 
     assert logged == set(sent)
 
 
-@pytest.mark.parametrize("mode", ["hang", "refuse", "down"])
-def test_a_collector_that_hangs_refuses_or_is_down_delays_no_request(mode: str) -> None:
+@pytest.mark.parametrize(("mode", "workers"), [("hang", "1"), ("refuse", "1"), ("down", "1"), ("hang", "2")])
+def test_a_collector_that_hangs_refuses_or_is_down_delays_no_request(mode: str, workers: str) -> None:
     """Requests are answered as ever; what cannot be sent is dropped and counted; the drain waits
     for it no longer than OTEL_BSP_EXPORT_TIMEOUT."""
     with Collector(mode if mode != "down" else "ok") as collector:
         url = collector.url if mode != "down" else f"http://127.0.0.1:{free_port()}"
         server = serve(
             url,
+            workers,
             OTEL_BSP_SCHEDULE_DELAY="10",
             OTEL_BSP_MAX_QUEUE_SIZE="16",
             OTEL_BSP_MAX_EXPORT_BATCH_SIZE="4",
