@@ -4,13 +4,13 @@ request's server span and its children (parse, compute, encode) kept as plain nu
 service.server.otel to turn into OpenTelemetry spans and export in a thread of its own.
 
 Nothing here imports OpenTelemetry, and nothing here runs unless traces are configured (the
-OTEL_ settings): with them unset a request never reaches this module.
+OTEL_ settings): with them unset a request only reads TRACE, which nothing sets.
 
     tracer = Tracer(sampler("parentbased_traceidratio", 0.01), export)
-    span = tracer.start(traceparent, tracestate)   # sampled or not; None: not sampled, no caller's trace
-    token = TRACE.set(span) if span.sampled else None
-    ...                                            # span.mark("parse"), span.attributes[...] = ...
-    tracer.end(span, status)                        # a sampled span goes to `export`
+    span = tracer.start(traceparent, tracestate)  # None: not sampled, and no caller's trace
+    token = TRACE.set(span) if span is not None and span.sampled else None
+    ...                                           # span.mark("parse"), span.attributes[...] = ...
+    tracer.end(span, method, path, status, seconds, served)  # a sampled span goes to `export`
 """
 
 from __future__ import annotations
