@@ -289,6 +289,15 @@ def test_a_request_continues_the_caller_s_trace_with_its_attributes_and_children
     assert (line["trace_id"], line["span_id"]) == (TRACE_ID, server["span_id"])
 
 
+def test_a_full_batch_goes_out_before_the_schedule(collector: Collector) -> None:
+    """OTEL_BSP_MAX_EXPORT_BATCH_SIZE spans kept send a batch at once, whatever the schedule says."""
+    with traced_app(collector, otel_bsp_schedule_delay=600_000, otel_bsp_max_export_batch_size=4) as client:
+        assert client.post("/v1/vae/encode", json=ROW, headers={"traceparent": SAMPLED}).status_code == 200
+        assert len(collector.wait_for(4)) == 4  # a server span and its three children
+        assert client.post("/v1/vae/encode", json=ROW, headers={"traceparent": SAMPLED}).status_code == 200
+        assert len(collector.wait_for(8)) == 8
+
+
 def test_v2_and_a_client_mistake(collector: Collector) -> None:
     body = {"inputs": [{"name": "input", "shape": [1, 5], "datatype": "INT32", "data": [1, 0, 1, 1, 0]}]}
     with traced_app(collector) as client:
