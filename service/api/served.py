@@ -22,6 +22,7 @@ STATUS: dict[str, dict[Problem, int]] = {
         Problem.NO_DECODER: 409,
         Problem.LOAD_FAILED: 400,
         Problem.NOT_APPLIED: 503,
+        Problem.DEADLINE: 504,  # not met on REST, which has no deadlines (gRPC's calls carry them)
     },
     "v2": {
         Problem.NOT_FOUND: 404,
@@ -31,6 +32,7 @@ STATUS: dict[str, dict[Problem, int]] = {
         Problem.NO_DECODER: 400,
         Problem.LOAD_FAILED: 400,
         Problem.NOT_APPLIED: 503,
+        Problem.DEADLINE: 504,
     },
 }
 

@@ -12,15 +12,17 @@ from __future__ import annotations
 
 import re
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any, NamedTuple
 
+import numpy as np
+
 from service.core.metrics import Metrics
 from service.core.traces import TRACE, Span
-from service.models.encoders import DECODE_LIMIT, Array, Batch, Model, ModelError
+from service.models.encoders import DECODE_LIMIT, ROWS_PER_BLOCK, Array, Batch, Model, ModelError
 from service.models.kinds import KINDS, Kind
 
 SEED_LIMIT = 2**63
@@ -38,6 +40,7 @@ class Problem(StrEnum):
     NO_DECODER = "no_decoder"  # the weights have no decoder for the decode and reconstruct routes
     LOAD_FAILED = "load_failed"  # a load left no version of the model ready (the index says why)
     NOT_APPLIED = "not_applied"  # a worker did not apply a load or unload in time
+    DEADLINE = "deadline"  # the caller's deadline passed while its batch was computed (gRPC's deadlines)
 
 
 class CoreError(Exception):
@@ -112,6 +115,9 @@ class Served:
             self, "log", (b',"model":"%s","version":%s' % (name, version), b" model=%s version=%s" % (name, version))
         )
         object.__setattr__(self, "keys", {kind: f"{self.name}|{self.version}|{kind}" for kind in (*KINDS, "")})
+
+
+Expired = Callable[[], bool]  # whether the caller's deadline has passed
 
 
 class Encoded(NamedTuple):
@@ -193,22 +199,38 @@ class Core:
 
     # -- compute and count
 
-    def encode_one(self, served: Served, kind: Kind, x: Batch, samples: int = 1, seed: int | None = None) -> Encoded:
+    def encode_one(
+        self,
+        served: Served,
+        kind: Kind,
+        x: Batch,
+        samples: int = 1,
+        seed: int | None = None,
+        expired: Expired | None = None,
+    ) -> Encoded:
         """As `encode`, for one kind: the path of a /v1 request, kept short."""
         rows = self._admit(served, x, kind.sampled, samples)
         drawn = self.draw_seed(seed) if kind.sampled else None
         if (span := TRACE.get()) is not None:  # a sampled request's (traces on)
             traced(span, rows, samples if kind.sampled else 0, seed)
-        arrays = kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
+        arrays = compute(kind, served.model, x, samples, 0 if drawn is None else drawn, expired)
         self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
         return Encoded(arrays, drawn)
 
     def encode(
-        self, served: Served, kinds: Sequence[Kind], x: Batch, samples: int = 1, seed: int | None = None
+        self,
+        served: Served,
+        kinds: Sequence[Kind],
+        x: Batch,
+        samples: int = 1,
+        seed: int | None = None,
+        expired: Expired | None = None,
     ) -> Encoded:
-        """The outputs of each kind for the 0/1 rows x, within the limits; counted."""
+        """The outputs of each kind for the 0/1 rows x, within the limits; counted. With `expired`
+        (a caller's deadline), a batch is computed in blocks and given up, DEADLINE, between two
+        blocks once it says so (`compute`): nothing is counted then."""
         if len(kinds) == 1:
-            return self.encode_one(served, kinds[0], x, samples, seed)
+            return self.encode_one(served, kinds[0], x, samples, seed, expired)
         sampled = any(kind.sampled for kind in kinds)
         rows = self._admit(served, x, sampled, samples)
         drawn = self.draw_seed(seed) if sampled else None
@@ -216,7 +238,8 @@ class Core:
             traced(span, rows, samples if sampled else 0, seed)
         arrays: dict[str, Array] = {}
         for kind in kinds:
-            arrays |= kind.compute(served.model, x, samples, 0 if drawn is None else drawn)
+            arrays |= compute(kind, served.model, x, samples, 0 if drawn is None else drawn, expired)
+        for kind in kinds:
             self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
         return Encoded(arrays, drawn)
 
@@ -258,6 +281,30 @@ class Core:
             raise CoreError(Problem.NO_DECODER, message)
 
 
+def compute(kind: Kind, model: Model, x: Batch, samples: int, seed: int, expired: Expired | None) -> dict[str, Array]:
+    """The kind's outputs for the rows x. With `expired`, a batch of more than ROWS_PER_BLOCK rows
+    is computed a block at a time, and given up (DEADLINE) before the next block once `expired()`
+    says so: a long computation ends soon after its caller's deadline instead of running on.
+
+    The numbers are the same either way: the blocks are those `affine` computes in, and eps is
+    drawn from one generator passed through them, row after row, as for the whole batch.
+    """
+    n = x.shape[0]
+    if expired is None or n <= ROWS_PER_BLOCK:
+        return kind.compute(model, x, samples, seed)
+    rng = np.random.default_rng(seed)
+    arrays: dict[str, Array] = {}
+    for start in range(0, n, ROWS_PER_BLOCK):
+        if expired():
+            raise CoreError(Problem.DEADLINE, f"the call's deadline passed; {start} of its {n} rows were computed")
+        block = kind.compute(model, x[start : start + ROWS_PER_BLOCK], samples, rng)
+        for name, values in block.items():
+            if name not in arrays:
+                arrays[name] = np.empty((n, *values.shape[1:]), dtype=values.dtype)
+            arrays[name][start : start + len(values)] = values
+    return arrays
+
+
 def traced(span: Span, rows: int, samples: int, seed: int | None) -> None:
     """What a traced request asked: rows, samples of z per row (0 when none are drawn), whether it gave a seed."""
     span.attributes |= {"encoder.rows": rows, "encoder.samples": samples, "encoder.seeded": seed is not None}
@@ -266,8 +313,6 @@ def traced(span: Span, rows: int, samples: int, seed: int | None) -> None:
 def warm_up(model: Model) -> None:
     """Answer one request of each kind (and decoder) on a row of zeros and one of ones; ModelError
     if any output is not finite. A version is ready only after this."""
-    import numpy as np
-
     x = np.array([[0] * model.input_dim, [1] * model.input_dim], dtype=np.uint8)
     for kind in KINDS.values():
         outputs = kind.compute(model, x, 1, 0)

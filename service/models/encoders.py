@@ -259,13 +259,18 @@ class VaeCodes:
     kl: Array  # (n,)
 
 
-def vae_encode(model: Model, x: Batch, samples: int, seed: int) -> VaeCodes:
-    """mu, log_sigma, z = mu + exp(log_sigma) * eps with eps from default_rng(seed), and KL to N(0, I)."""
+def vae_encode(model: Model, x: Batch, samples: int, seed: int | np.random.Generator) -> VaeCodes:
+    """mu, log_sigma, z = mu + exp(log_sigma) * eps with eps from default_rng(seed), and KL to N(0, I).
+
+    `seed` may be the generator itself: eps is drawn row after row, so rows encoded in blocks with
+    one generator passed through them get the eps of the whole batch encoded at once.
+    """
     n, k = x.shape[0], model.latent_dim
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     mu = affine(x, model.mu_weight, model.mu_bias)  # (n, d) @ (d, k) -> (n, k)
     log_sigma = affine(x, model.ls_weight, model.ls_bias)  # (n, d) @ (d, k) -> (n, k)
     sigma = np.exp(log_sigma)  # (n, k), > 0
-    eps = np.random.default_rng(seed).standard_normal((n, samples, k))  # (n, s, k)
+    eps = rng.standard_normal((n, samples, k))  # (n, s, k)
     z = mu[:, None, :] + sigma[:, None, :] * eps  # (n, 1, k) + (n, 1, k) * (n, s, k) -> (n, s, k)
     kl = 0.5 * np.sum(mu**2 + np.exp(2.0 * log_sigma) - 1.0 - 2.0 * log_sigma, axis=1)  # (n, k) -> (n,)
     return VaeCodes(mu=mu, log_sigma=log_sigma, z=z, kl=kl)

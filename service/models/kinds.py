@@ -11,7 +11,11 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from service.models.encoders import Array, Batch, Model, affine, autoencode, decode, vae_encode
+
+Seed = int | np.random.Generator  # a sampled kind's eps: from default_rng(seed), or from this generator
 
 
 @dataclass(frozen=True)
@@ -21,8 +25,8 @@ class Kind:
     name: str
     outputs: tuple[str, ...]
     sampled: bool  # draws `samples` of z per row from a seed
-    # (model, x, samples, seed) -> the outputs by name
-    compute: Callable[[Model, Batch, int, int], dict[str, Array]]
+    # (model, x, samples, seed or the generator of eps) -> the outputs by name
+    compute: Callable[[Model, Batch, int, Seed], dict[str, Array]]
     # model -> (W_d, b_d) of its decoder, or None
     decoder_of: Callable[[Model], tuple[Array | None, Array | None]]
     # (model, x) -> the code that `reconstruct` decodes: the deterministic one
@@ -47,11 +51,11 @@ class Kind:
         return self.decode(model, self.code(model, x))
 
 
-def _autoencoder(model: Model, x: Batch, _samples: int, _seed: int) -> dict[str, Array]:
+def _autoencoder(model: Model, x: Batch, _samples: int, _seed: Seed) -> dict[str, Array]:
     return {"codes": autoencode(model, x)}
 
 
-def _vae(model: Model, x: Batch, samples: int, seed: int) -> dict[str, Array]:
+def _vae(model: Model, x: Batch, samples: int, seed: Seed) -> dict[str, Array]:
     out = vae_encode(model, x, samples, seed)
     return {"mu": out.mu, "log_sigma": out.log_sigma, "z": out.z, "kl": out.kl}
 

@@ -27,7 +27,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from service.api.grpc import inference_pb2 as pb
 from service.api.grpc import inference_pb2_grpc as stubs
 from service.models import weights
-from service.models.encoders import seeded
+from service.models.encoders import autoencode, seeded
 from tests.conftest import ROOT, Server, start_server
 
 SERVE = [sys.executable, "-m", "service.cli", "serve", "--port", "{port}"]
@@ -154,6 +154,47 @@ def test_a_call_past_its_deadline_is_not_computed(stub: stubs.GRPCInferenceServi
     with pytest.raises(grpc.RpcError) as caught:
         stub.ModelInfer(infer_request("vae", rows, True, samples=10), metadata=KEY, timeout=0.0005)
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+def logged(server: Server, request_id: str) -> dict:
+    """The access-log line of the call with this x-request-id (the log is written in batches)."""
+    for _ in range(40):
+        if lines := [json.loads(line) for line in server.output().splitlines() if request_id in line]:
+            return lines[0]
+        time.sleep(0.05)
+    raise AssertionError(f"no log line for {request_id}: {server.output()[-2000:]}")
+
+
+@pytest.mark.slow
+def test_a_long_computation_is_given_up_soon_after_its_deadline() -> None:
+    """A batch whose deadline passes while it is computed ends at the next block of 1024 rows:
+    the server answers DEADLINE_EXCEEDED itself, counts none of its rows, and stops long before
+    the whole computation would have ended (measured here with the same numpy, as reference)."""
+    dims = {"input_dim": "2048", "latent_dim": "2048", "max_body_bytes": str(64 * 1024 * 1024)}
+    x = (np.random.default_rng(0).random((10_000, 2048)) < 0.5).astype(np.uint8)  # ten blocks; 20 MB as raw BOOL
+    model, times = seeded(0, 2048, 2048), []
+    for _ in range(2):  # what the server's whole computation takes, about: the faster of two
+        began = time.perf_counter()
+        autoencode(model, x)
+        times.append(time.perf_counter() - began)
+    whole = min(times)
+    request = pb.ModelInferRequest(model_name="autoencoder")
+    request.inputs.add(name="input", datatype="BOOL", shape=x.shape)
+    request.raw_input_contents.append(x.tobytes())
+    server = start_server(SERVE, stdout=True, **dims)
+    try:
+        with grpc.insecure_channel(server.grpc, options=[("grpc.max_send_message_length", -1)]) as channel:
+            stub = stubs.GRPCInferenceServiceStub(channel)
+            deadline = whole / 5
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(request, metadata=(("x-request-id", "long-call"),), timeout=deadline)
+        assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        line = logged(server, "long-call")
+        assert line["status"] == 4, line  # DEADLINE_EXCEEDED, the server's own answer
+        assert line["duration_ms"] < whole * 1000 * 0.6, (line, whole)  # the whole: 10 blocks; this: 2 or 3
+        assert "encoder_rows_encoded_total{" not in httpx.get(server.url + "/metrics").text  # none counted
+    finally:
+        server.stop()
 
 
 def test_health_and_reflection_are_open(server: Server) -> None:

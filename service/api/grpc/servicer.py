@@ -42,6 +42,7 @@ CODES: dict[Problem, StatusCode] = {
     Problem.NO_DECODER: StatusCode.FAILED_PRECONDITION,
     Problem.LOAD_FAILED: StatusCode.FAILED_PRECONDITION,
     Problem.NOT_APPLIED: StatusCode.UNAVAILABLE,
+    Problem.DEADLINE: StatusCode.DEADLINE_EXCEEDED,
 }
 REFUSED: dict[Refusal, StatusCode] = {
     Refusal.MISSING: StatusCode.UNAUTHENTICATED,
@@ -211,7 +212,8 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, Served]:
         """Encode the rows of tensor `input`, as POST /v2/models/{name}/infer does, with the same
         outputs, parameters (samples, seed) and numbers. A call whose deadline has passed is not
-        computed (DEADLINE_EXCEEDED)."""
+        computed, and one whose deadline passes while it computes is given up between two blocks
+        of rows (DEADLINE_EXCEEDED)."""
         core = self.core()
         served, kinds = core.answering(request.model_name, request.model_version or None)
         try:
@@ -230,8 +232,8 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         _in_time(context)
         if span is not None:
             span.mark("parse")
-        out = oip.infer(core, served, kinds, decoded)
-        _in_time(context)  # computing is not interrupted; its answer is dropped once it is too late
+        out = oip.infer(core, served, kinds, decoded, lambda: _late(context))
+        _in_time(context)  # the last block may end past the deadline
         if span is not None:
             span.mark("compute")
         response = tensors.encode(request.model_name, str(served.version), decoded, out.arrays, out.seed, raw)
@@ -278,9 +280,14 @@ def _status(exc: Exception) -> StatusCode:
 
 
 def _in_time(context: grpc.aio.ServicerContext) -> None:
-    remaining = context.time_remaining()
-    if remaining is not None and remaining <= 0:
+    if _late(context):
         raise Failed(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+
+
+def _late(context: grpc.aio.ServicerContext) -> bool:
+    """Whether the call's deadline has passed (never, for a call without one)."""
+    remaining = context.time_remaining()
+    return remaining is not None and remaining <= 0
 
 
 def _trace_metadata(context: grpc.aio.ServicerContext) -> tuple[bytes | None, bytes | None]:

@@ -18,7 +18,7 @@ import orjson
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from service import __version__
-from service.core.inference import SEED_LIMIT, Core, Encoded, Served, shown
+from service.core.inference import SEED_LIMIT, Core, Encoded, Expired, Served, shown
 from service.models.encoders import Batch
 from service.models.kinds import Kind
 
@@ -160,14 +160,17 @@ def model_metadata(core: Core, served: Served, name: str, kinds: tuple[Kind, ...
     )
 
 
-def infer(core: Core, served: Served, kinds: tuple[Kind, ...], decoded: Decoded) -> Encoded:
+def infer(
+    core: Core, served: Served, kinds: tuple[Kind, ...], decoded: Decoded, expired: Expired | None = None
+) -> Encoded:
     """Compute what a decoded request asks for: only the kinds of the outputs it wants; the VAE's
-    `samples` and `seed` from its parameters. The same for REST and gRPC."""
+    `samples` and `seed` from its parameters. The same for REST and gRPC (whose calls' deadlines
+    are `expired`: Core.encode)."""
     wanted = tuple(kind for kind in kinds if set(kind.outputs) & set(decoded.outputs))
     sampled = any(kind.sampled for kind in wanted)
     samples = integer_parameter(decoded.parameters, "samples", 1, 1, None) if sampled else 1
     seed = integer_parameter(decoded.parameters, "seed", None, 0, SEED_LIMIT - 1) if sampled else None
-    return core.encode(served, wanted, decoded.x, samples, seed)
+    return core.encode(served, wanted, decoded.x, samples, seed, expired)
 
 
 def decode(body: bytes, header_length: str | None, model: str, input_dim: int, outputs: tuple[str, ...]) -> Decoded:
