@@ -42,7 +42,7 @@ from service.models.encoders import ModelError, seeded
 from service.server.logs import configure_logging, json_errors, say_error
 from service.web.access import Observe, RequestLog
 from service.web.admission import Admission
-from service.web.auth import Keys, RequireKey
+from service.web.auth import Keys, Policy, RequireKey
 from service.web.errors import (
     OneLineStartupErrors,
     StartupError,
@@ -60,16 +60,11 @@ class State(TypedDict):
     core: Core
     control: Control
     keys: Keys | None
+    policy: Policy | None  # which requests take a key (None: none do), for RequireKey and gRPC alike
     settings: Settings  # what the server's protocol reads its deadlines from
     log: RequestLog  # where the gRPC server (service.server.rpc) counts and logs its calls too
     gate: Gate  # REST's Admission and the gRPC servicer admit requests through the same ones
     tracer: Tracer | None  # traces of REST requests (Observe) and gRPC calls (the servicer), when configured
-
-
-def key_options(settings: Settings) -> dict[str, Any]:
-    """RequireKey's options: whether the docs stay open, the admin key, whether the API is open."""
-    admin = settings.admin_api_key.get_secret_value() if settings.admin_api_key is not None else None
-    return {"docs_public": settings.docs_public, "admin": admin, "open_api": not settings.api_keys_required}
 
 
 def load_keys(settings: Settings) -> Keys | None:
@@ -212,6 +207,7 @@ class Service(FastAPI):
 def create_app(settings: Settings | None = None) -> FastAPI:
     """The service for these settings (by default, read from ENCODER_ environment variables)."""
     settings = Settings() if settings is None else settings
+    policy = Policy.of(settings)
 
     @asynccontextmanager
     async def lifespan(app: Service) -> AsyncIterator[State]:
@@ -265,6 +261,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 "core": core,
                 "control": control,
                 "keys": keys,
+                "policy": policy,
                 "settings": settings,
                 "log": app.request_log,
                 "gate": gate,
@@ -301,7 +298,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             *([Middleware(RootPath, root_path=settings.root_path)] if settings.root_path else []),
             Middleware(Observe, metrics=metrics, log=request_log, tracer=tracer),
             *cors(settings),
-            *([Middleware(RequireKey, **key_options(settings))] if settings.auth_required else []),
+            *([Middleware(RequireKey, docs_public=settings.docs_public, policy=policy)] if policy is not None else []),
             Middleware(Admission, gate=gate, max_body=settings.max_body_bytes),
         ],
         title="encoding-service",

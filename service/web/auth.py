@@ -7,12 +7,13 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.config import KEY
+from service.config import KEY, Settings
 from service.web.errors import send_problem
 from service.web.paths import route_path
 
@@ -102,30 +103,59 @@ def parse_keys(data: bytes) -> list[bytes]:
     return keys
 
 
-class RequireKey:
-    """401 with WWW-Authenticate for the API's routes without a valid key; probes, metrics and,
-    unless `docs_public` is off, the docs stay open. With an admin key (ENCODER_ADMIN_API_KEY),
-    loading and unloading models takes that key alone (403 for another valid key), and it is
-    valid everywhere else too; with only an admin key, the rest of the API stays open. Keys are
-    never logged or echoed."""
+@dataclass(frozen=True)
+class Policy:
+    """Which requests take a key, decided once from the settings; REST's RequireKey and the gRPC
+    servicer both ask it. With an admin key (ENCODER_ADMIN_API_KEY), loading and unloading models
+    takes that key alone, and it is valid everywhere else too; with only an admin key, the rest of
+    the API stays open."""
 
-    def __init__(self, app: ASGIApp, docs_public: bool, admin: str | None = None, open_api: bool = False) -> None:
+    admin: bytes | None  # the admin key
+    open_api: bool  # no API keys but the admin key
+
+    @classmethod
+    def of(cls, settings: Settings) -> Policy | None:
+        """The settings' policy, or None when no key is set at all."""
+        if not settings.auth_required:
+            return None
+        admin = settings.admin_api_key.get_secret_value().encode() if settings.admin_api_key is not None else None
+        return cls(admin=admin, open_api=not settings.api_keys_required)
+
+    def administers(self, changes_models: bool) -> bool:
+        """Whether a request that loads or unloads (`changes_models`) takes the admin key."""
+        return changes_models and self.admin is not None
+
+    def guards(self, administers: bool) -> bool:
+        """Whether a request of the API takes a key at all: one that administers does; any other
+        unless the API is open."""
+        return administers or not self.open_api
+
+    def refuse(self, presented: bytes | None, keys: Keys | None, administers: bool) -> Refusal | None:
+        """Why a request it guards, that presented a key (or none), may not go on; None if it may."""
+        return refuse(presented, keys, self.admin, administers)
+
+
+class RequireKey:
+    """401 with WWW-Authenticate for the API's routes without a valid key, as `policy` says; probes,
+    metrics and, unless `docs_public` is off, the docs stay open. Keys are never logged or echoed."""
+
+    def __init__(self, app: ASGIApp, docs_public: bool, policy: Policy) -> None:
         self.app = app
         self.prefixes = PROTECTED if docs_public else PROTECTED + DOCS
-        self.admin = admin.encode() if admin else None
-        self.open_api = open_api  # no API keys but the admin key
+        self.policy = policy
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         path = route_path(scope) if "path" in scope else ""
         if scope["type"] != "http" or scope["method"] == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        administers = self.admin is not None and path.startswith(ADMIN)
-        if not administers and (self.open_api or not path.startswith(self.prefixes) or path.startswith(OPEN)):
+        administers = self.policy.administers(path.startswith(ADMIN))
+        api = path.startswith(self.prefixes) and not path.startswith(OPEN)
+        if not (administers or (api and self.policy.guards(administers))):
             await self.app(scope, receive, send)
             return
         keys: Keys | None = scope.get("state", {}).get("keys")  # read at startup, by the lifespan
-        refusal = refuse(_presented_key(scope), keys, self.admin, administers)
+        refusal = self.policy.refuse(_presented_key(scope), keys, administers)
         if refusal is None:
             await self.app(scope, receive, send)
         elif refusal is Refusal.NOT_ADMIN:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import grpc
@@ -29,7 +29,7 @@ from service.core.traces import TRACE, Tracer
 from service.core.traces import headers as trace_headers
 from service.server.flags import DRAINING
 from service.web.access import REQUEST_ID, RequestLog, new_request_id
-from service.web.auth import Keys, Refusal, presented_key, refuse
+from service.web.auth import Policy, Refusal, presented_key
 
 SERVICE = "inference.GRPCInferenceService"
 
@@ -50,6 +50,7 @@ REFUSED: dict[Refusal, StatusCode] = {
     Refusal.NOT_ADMIN: StatusCode.PERMISSION_DENIED,
 }
 Handler = Callable[[Any, Any, Any], Awaitable[tuple[Any, Served | None]]]
+Metadata = Sequence[tuple[str, str | bytes]]  # a call's, as grpc gives it
 
 
 class Failed(Exception):
@@ -69,16 +70,17 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
         async def call(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
             started = time.perf_counter()
             code, message, response, served = StatusCode.OK, "", None, None
+            metadata = context.invocation_metadata() or ()
             tracer: Tracer | None = self.state.get("tracer")
             span = token = None
             if tracer is not None:
-                span = tracer.start(*_trace_metadata(context))
+                span = tracer.start(*trace_headers(_encoded(metadata)))
                 if span is not None and span.sampled:
                     token = TRACE.set(span)
                     if client := _client(context.peer()):
                         span.attributes["client.address"] = client[0]
             try:
-                self.authorize(context, administers)
+                self.authorize(metadata, administers)
                 response, served = await self.admitted(handler, request, context)
                 return response
             except (Failed, CoreError, oip.ProtocolError) as exc:
@@ -95,7 +97,7 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
                         TRACE.reset(token)
                     tracer.end(span, GRPC, path, code.value[0], seconds, served)
                     trace = span.ids if span.logged else None
-                self.log_call(context, path, code, seconds, size, served, trace)
+                self.log_call(context, metadata, path, code, seconds, size, served, trace)
             await context.abort(code, message)
 
         call.__name__ = name
@@ -112,18 +114,17 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
     def __init__(self, state: dict[str, Any]) -> None:
         self.state = state
 
-    def authorize(self, context: grpc.aio.ServicerContext, administers: bool) -> None:
+    def authorize(self, metadata: Metadata, changes_models: bool) -> None:
         """Failed (UNAUTHENTICATED, PERMISSION_DENIED) unless the call's metadata carries a key
-        that may make it: `authorization: Bearer <key>` or `x-api-key: <key>`, as REST's headers."""
-        settings = self.state.get("settings")
-        if settings is None or not settings.auth_required:
+        that may make it, as the app's key policy says: `authorization: Bearer <key>` or
+        `x-api-key: <key>`, as REST's headers."""
+        policy: Policy | None = self.state.get("policy")
+        if policy is None:
             return
-        admin = settings.admin_api_key.get_secret_value().encode() if settings.admin_api_key else None
-        if not settings.api_keys_required and not (administers and admin is not None):
+        administers = policy.administers(changes_models)
+        if not policy.guards(administers):
             return
-        metadata = [(key.encode(), _bytes(value)) for key, value in context.invocation_metadata() or ()]
-        keys: Keys | None = self.state.get("keys")
-        refusal = refuse(presented_key(metadata), keys, admin, administers and admin is not None)
+        refusal = policy.refuse(presented_key(_encoded(metadata)), self.state.get("keys"), administers)
         if refusal is not None:
             raise Failed(REFUSED[refusal], refusal.value)
 
@@ -144,6 +145,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
     def log_call(
         self,
         context: grpc.aio.ServicerContext,
+        metadata: Metadata,
         path: str,
         code: StatusCode,
         seconds: float,
@@ -155,7 +157,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         if log is None:  # before the app has started: nothing counts or logs yet
             return
         request_id = b""
-        for key, value in context.invocation_metadata() or ():
+        for key, value in metadata:
             if key == "x-request-id" and REQUEST_ID.fullmatch(_bytes(value)):
                 request_id = _bytes(value)
         request_id = request_id or new_request_id()
@@ -270,13 +272,13 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         return str(name)
 
 
-def _status(exc: Exception) -> StatusCode:
+def _status(exc: Failed | CoreError | oip.ProtocolError) -> StatusCode:
     """The status a mistake is answered with."""
     if isinstance(exc, Failed):
         return exc.code
     if isinstance(exc, CoreError):
         return CODES[exc.problem]
-    return StatusCode.NOT_FOUND if getattr(exc, "status", 400) == 404 else StatusCode.INVALID_ARGUMENT
+    return StatusCode.NOT_FOUND if exc.status == 404 else StatusCode.INVALID_ARGUMENT
 
 
 def _in_time(context: grpc.aio.ServicerContext) -> None:
@@ -290,9 +292,9 @@ def _late(context: grpc.aio.ServicerContext) -> bool:
     return remaining is not None and remaining <= 0
 
 
-def _trace_metadata(context: grpc.aio.ServicerContext) -> tuple[bytes | None, bytes | None]:
-    """A call's traceparent and tracestate, from its metadata."""
-    return trace_headers([(key.encode(), _bytes(value)) for key, value in context.invocation_metadata() or ()])
+def _encoded(metadata: Metadata) -> list[tuple[bytes, bytes]]:
+    """A call's metadata as HTTP headers are read (names and values in bytes)."""
+    return [(key.encode(), _bytes(value)) for key, value in metadata]
 
 
 def _bytes(value: str | bytes) -> bytes:
