@@ -19,7 +19,7 @@ import random
 import re
 import time
 from collections.abc import Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Any, Literal, NamedTuple, get_args
 
 # A sampled request's span while it is handled, for the code that adds what it knows (rows, phases);
@@ -167,6 +167,28 @@ class Tracer:
         if not sampled and parent is None:
             return None
         return Span(trace_id, _nonzero(64), parent, sampled)
+
+    @staticmethod
+    def enter(span: Span | None) -> Token[Span | None] | None:
+        """Make a sampled span the request's current one (TRACE: the core adds to it), until `leave`."""
+        return TRACE.set(span) if span is not None and span.sampled else None
+
+    def leave(
+        self,
+        span: Span,
+        token: Token[Span | None] | None,
+        method: str,
+        path: str,
+        status: int,
+        seconds: float,
+        answered: Any = None,
+    ) -> tuple[bytes, bytes] | None:
+        """The request is over: its span is no longer current and is ended (`end`); the trace and
+        span ids its access-log line carries, if it carries them."""
+        if token is not None:
+            TRACE.reset(token)
+        self.end(span, method, path, status, seconds, answered)
+        return span.ids if span.logged else None
 
     def end(self, span: Span, method: str, path: str, status: int, seconds: float, answered: Any = None) -> None:
         """The request ended with `status` (an HTTP status, or a gRPC code's number for method GRPC)

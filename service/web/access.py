@@ -16,7 +16,7 @@ import orjson
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.core.metrics import Metrics
-from service.core.traces import TRACE, Tracer
+from service.core.traces import Tracer
 from service.core.traces import headers as trace_headers
 from service.server.flags import ANSWERED, TIMED_OUT
 from service.web.admission import UNLIMITED
@@ -192,8 +192,7 @@ class Observe:
             # Probes and scrapes start no trace of their own: they join a caller's, if it sent one.
             if span is not None and span.parent is None and route_path(scope).startswith(UNLIMITED):
                 span = None
-            if span is not None and span.sampled:
-                token = TRACE.set(span)
+            if (token := self.tracer.enter(span)) is not None and span is not None:
                 span.attributes |= http_attributes(scope)
         try:
             await self.app(scope, receive, observed_send)
@@ -205,10 +204,7 @@ class Observe:
             path, answered = route_path(scope), scope.get(ANSWERED)
             trace = None
             if span is not None and self.tracer is not None:
-                if token is not None:
-                    TRACE.reset(token)
-                self.tracer.end(span, scope["method"], path, status, elapsed, answered)
-                trace = span.ids if span.logged else None
+                trace = self.tracer.leave(span, token, scope["method"], path, status, elapsed, answered)
             self.log.request(
                 request_id, scope["method"], path, status, elapsed, size, scope.get("client"), answered, trace
             )

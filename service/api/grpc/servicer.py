@@ -75,10 +75,9 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
             span = token = None
             if tracer is not None:
                 span = tracer.start(*trace_headers(_encoded(metadata)))
-                if span is not None and span.sampled:
-                    token = TRACE.set(span)
-                    if client := _client(context.peer()):
-                        span.attributes["client.address"] = client[0]
+                token = tracer.enter(span)
+                if token is not None and span is not None and (client := _client(context.peer())):
+                    span.attributes["client.address"] = client[0]
             try:
                 self.authorize(metadata, administers)
                 response, served = await self.admitted(handler, request, context)
@@ -93,10 +92,7 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
                 size = response.ByteSize() if response is not None else 0
                 seconds, trace = time.perf_counter() - started, None
                 if span is not None and tracer is not None:
-                    if token is not None:
-                        TRACE.reset(token)
-                    tracer.end(span, GRPC, path, code.value[0], seconds, served)
-                    trace = span.ids if span.logged else None
+                    trace = tracer.leave(span, token, GRPC, path, code.value[0], seconds, served)
                 self.log_call(context, metadata, path, code, seconds, size, served, trace)
             await context.abort(code, message)
 
