@@ -1,10 +1,11 @@
 """The gRPC server beside uvicorn's, in each worker and on its event loop: the Open Inference
 Protocol (service.api.grpc), grpc.health.v1 (what Kubernetes' gRPC probes call) and server
-reflection (what grpcurl-style tools list and call).
+reflection (what grpcurl-style tools list and call), served by service.server.transport (gRPC
+over HTTP/2 with h2, on the event loop).
 
-Each worker binds ENCODER_GRPC_PORT with SO_REUSEPORT (gRPC's default on Linux): the kernel spreads
-new connections over the workers, as the workers share the HTTP socket. DrainingServer starts it
-once the app has started and stops it as it stops (service.server.drain).
+Each worker binds ENCODER_GRPC_PORT with SO_REUSEPORT: the kernel spreads new connections over the
+workers, as the workers share the HTTP socket. DrainingServer starts it once the app has started
+and stops it as it stops (service.server.drain).
 """
 
 from __future__ import annotations
@@ -12,22 +13,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 from collections.abc import AsyncIterator
 from typing import Any
 
-# gRPC's core writes its own lines to stderr (not JSON): the service logs what matters itself.
-# GRPC_VERBOSITY=debug still shows them.
-os.environ.setdefault("GRPC_VERBOSITY", "NONE")
-
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2
+from grpc_reflection.v1alpha import _async as reflection_async
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from service.api.grpc import inference_pb2, inference_pb2_grpc
 from service.api.grpc.servicer import SERVICE, Servicer
 from service.server.drain import GrpcOptions
 from service.server.flags import DRAINING
+from service.server.transport import Context, Server
 
 logger = logging.getLogger("uvicorn.error")
 
@@ -55,12 +53,12 @@ class Health(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
             return None
         return int(SERVING) if self.state.get("core") is not None and not self.state.get(DRAINING) else int(NOT_SERVING)
 
-    async def Check(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def Check(self, request: Any, context: Context) -> Any:
         if (status := self.status(request.service)) is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service[:64]!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
-    async def Watch(self, request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+    async def Watch(self, request: Any, context: Context) -> AsyncIterator[Any]:
         if self.status(request.service) is None:
             yield health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.SERVICE_UNKNOWN)
             return
@@ -78,31 +76,27 @@ class RpcServer:
     app starts: until then, every call answers UNAVAILABLE)."""
 
     def __init__(self, options: GrpcOptions, state: dict[str, Any]) -> None:
-        host, port = options.host, options.port
-        self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        self.server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", options.max_message_bytes),  # RESOURCE_EXHAUSTED above it
-                ("grpc.so_reuseport", 1),
-            ],
-        )
-        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(Servicer(state), self.server)  # type: ignore[no-untyped-call]
+        self.host, self.port = options.host, options.port
+        self.address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+        self.server = Server(options.max_message_bytes)  # RESOURCE_EXHAUSTED above it
+        servicer = Servicer(state)
+        inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)  # type: ignore[no-untyped-call]
+        self.server.rejected = servicer.log_rejected  # calls answered before any handler ran: logged too
         self.health = Health(state)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         pool = inference_pb2.DESCRIPTOR.pool  # the stubs' own (service.api.grpc), with the health's and reflection's
         for descriptor in (health_pb2.DESCRIPTOR, reflection_pb2.DESCRIPTOR):
             pool.AddSerializedFile(descriptor.serialized_pb)
-        reflection.enable_server_reflection((SERVICE, HEALTH, reflection.SERVICE_NAME), self.server, pool=pool)
+        names = (SERVICE, HEALTH, reflection.SERVICE_NAME)
+        reflecting = reflection_async.ReflectionServicer(names, pool=pool)
+        reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflecting, self.server)
 
     async def start(self) -> None:
         """Listen, or OSError saying why not (the port is taken, the address is not this host's)."""
         try:
-            bound = self.server.add_insecure_port(self.address)
-        except RuntimeError as exc:
-            raise OSError(f"gRPC cannot listen on {self.address}: {exc}") from None
-        if not bound:
-            raise OSError(f"gRPC cannot listen on {self.address}")
-        await self.server.start()
+            await self.server.listen(self.host, self.port)
+        except OSError as exc:
+            raise OSError(f"gRPC cannot listen on {self.address}: {exc.strerror or exc}") from None
         logger.info("gRPC listening on %s (ENCODER_GRPC_PORT)", self.address)
 
     async def stop(self, grace: float) -> None:

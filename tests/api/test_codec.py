@@ -109,3 +109,23 @@ def test_encode_writes_json_or_binary_outputs_with_an_id() -> None:
     assert header["id"]  # a new one
     assert header["outputs"][0]["parameters"] == {"binary_data_size": 16}
     np.testing.assert_array_equal(np.frombuffer(body[header_length:], np.float32).reshape(2, 2), arrays["codes"])
+
+
+@given(
+    st.sampled_from(["i1", "i2", "i4", "i8", "u1", "u2", "u4", "u8", "f4", "f8"]).flatmap(
+        lambda dtype: hnp.arrays(
+            np.dtype(dtype),
+            st.integers(1, 200),  # both sides of check_bits' FEW
+            elements=st.one_of(st.sampled_from([0, 1]), hnp.from_dtype(np.dtype(dtype), allow_nan=False)),
+        )
+    )
+)
+def test_check_bits_names_the_first_value_that_is_not_a_bit(values: np.ndarray) -> None:
+    bad = [i for i, value in enumerate(values.tolist()) if value not in (0, 1)]  # by hand, value by value
+    if not bad:
+        oip.check_bits(values, 4)
+        return
+    with pytest.raises(oip.ProtocolError) as caught:
+        oip.check_bits(values, 4)
+    row, column = divmod(bad[0], 4)
+    assert f"row {row}, column {column}:" in str(caught.value)

@@ -38,6 +38,7 @@ SERVER_TESTS = [
     "tests/core/test_repository.py",
     "tests/core/test_hot_swap.py",
     "tests/server/test_traces.py",  # with the otel extra's floors
+    "tests/server/test_transport.py",  # gRPC on h2's floor
 ]
 # What the server tests need besides the service, at versions the lowest runtime ones allow.
 TEST_TOOLS = ["pytest", "hypothesis", "python-mimeparse", "tritonclient[http]", "pyyaml"]

@@ -10,11 +10,11 @@ with the status the protocol's servers use (CODES, REFUSED).
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
-import grpc
 from grpc import StatusCode
 
 from service.api.grpc import inference_pb2 as pb
@@ -28,6 +28,7 @@ from service.core.metrics import GRPC
 from service.core.traces import TRACE, Tracer
 from service.core.traces import headers as trace_headers
 from service.server.flags import DRAINING
+from service.server.transport import Context
 from service.web.access import REQUEST_ID, RequestLog, new_request_id
 from service.web.auth import Policy, Refusal, presented_key
 
@@ -67,7 +68,7 @@ def rpc(name: str, administers: bool = False) -> Callable[[Handler], Callable[..
     path = f"/{SERVICE}/{name}"
 
     def wrap(handler: Handler) -> Callable[..., Awaitable[Any]]:
-        async def call(self: Servicer, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def call(self: Servicer, request: Any, context: Context) -> Any:
             started = time.perf_counter()
             code, message, response, served = StatusCode.OK, "", None, None
             metadata = context.invocation_metadata() or ()
@@ -140,7 +141,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
 
     def log_call(
         self,
-        context: grpc.aio.ServicerContext,
+        context: Context,
         metadata: Metadata,
         path: str,
         code: StatusCode,
@@ -158,6 +159,10 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
                 request_id = _bytes(value)
         request_id = request_id or new_request_id()
         log.request(request_id, GRPC, path, code.value[0], seconds, size, _client(context.peer()), served, trace)
+
+    def log_rejected(self, path: str, code: StatusCode, context: Context, seconds: float) -> None:
+        """A call the transport answered itself (service.server.transport.Server.rejected)."""
+        self.log_call(context, context.invocation_metadata(), path, code, seconds, 0, None)
 
     def core(self) -> Core:
         core: Core | None = self.state.get("core")
@@ -207,7 +212,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         return pb.ModelMetadataResponse(**metadata), served
 
     @rpc("ModelInfer")
-    async def ModelInfer(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, Served]:
+    async def ModelInfer(self, request: Any, context: Context) -> tuple[Any, Served]:
         """Encode the rows of tensor `input`, as POST /v2/models/{name}/infer does, with the same
         outputs, parameters (samples, seed) and numbers. A call whose deadline has passed is not
         computed, and one whose deadline passes while it computes is given up between two blocks
@@ -221,7 +226,7 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
             raise
 
     @staticmethod
-    def _infer(core: Core, served: Served, kinds: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+    def _infer(core: Core, served: Served, kinds: Any, request: Any, context: Context) -> Any:
         outputs = tuple(output for kind in kinds for output in kind.outputs)
         span = TRACE.get()
         if span is not None:
@@ -277,12 +282,12 @@ def _status(exc: Failed | CoreError | oip.ProtocolError) -> StatusCode:
     return StatusCode.NOT_FOUND if exc.status == 404 else StatusCode.INVALID_ARGUMENT
 
 
-def _in_time(context: grpc.aio.ServicerContext) -> None:
+def _in_time(context: Context) -> None:
     if _late(context):
         raise Failed(StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
 
 
-def _late(context: grpc.aio.ServicerContext) -> bool:
+def _late(context: Context) -> bool:
     """Whether the call's deadline has passed (never, for a call without one)."""
     remaining = context.time_remaining()
     return remaining is not None and remaining <= 0
@@ -297,6 +302,7 @@ def _bytes(value: str | bytes) -> bytes:
     return value if isinstance(value, bytes) else value.encode()
 
 
+@functools.lru_cache(maxsize=1024)  # a connection's calls share their peer
 def _client(peer: str | None) -> tuple[str, int] | None:
     """("127.0.0.1", 5000) from gRPC's "ipv4:127.0.0.1:5000" (or "ipv6:[::1]:5000")."""
     if not peer or not peer.startswith(("ipv4:", "ipv6:")):
