@@ -228,11 +228,11 @@ def test_stop_finishes_calls_in_flight_and_takes_no_new_ones() -> None:
         server.loop.close()
 
 
-def raw_call(port: int, headers: list[tuple[str, str]], body: bytes = b"") -> dict[str, str]:
+def raw_call(port: int, headers: list[tuple[str, str]], body: bytes = b"", method: str = "POST") -> dict[str, str]:
     """One request by a bare HTTP/2 client (h2) that never cancels: every header of the answer,
     trailers included, once the stream ends."""
     client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
-    start = [(":method", "POST"), (":scheme", "http"), (":authority", "x")]
+    start = [(":method", method), (":scheme", "http"), (":authority", "x")]
     answered: dict[str, str] = {}
     with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
         client.initiate_connection()
@@ -255,6 +255,11 @@ def raw_call(port: int, headers: list[tuple[str, str]], body: bytes = b"") -> di
 def test_a_request_that_is_not_grpc_gets_415(running: Running) -> None:
     answered = raw_call(running.port, [(":path", "/test.T/echo"), ("content-type", "application/json")])
     assert answered[":status"] == "415"
+
+
+def test_only_post_is_grpc(running: Running) -> None:
+    answered = raw_call(running.port, [(":path", "/test.T/echo"), ("content-type", "application/grpc")], method="GET")
+    assert (answered[":status"], answered["allow"]) == ("405", "POST")
 
 
 def test_the_server_keeps_the_deadline_itself(running: Running) -> None:
