@@ -107,6 +107,15 @@ class Gate:
                 return self.refused(MEMORY)
         return None
 
+    def enter_small(self) -> bool:
+        """`enter(0)` without a coroutine, for a request whose body reserves nothing (under SMALL),
+        when there is room for it: whether it is now in progress. When there is none, `enter` says
+        why (and counts it). A one-row request pays ~1 us less this way."""
+        if self.in_progress >= self.max_in_progress:
+            return False
+        self.in_progress += 1
+        return True
+
     def leave(self, cost: int) -> None:
         """The request `enter` admitted is over."""
         self.in_progress -= 1

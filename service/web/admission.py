@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.core.gate import Gate, body_cost
+from service.core.gate import SMALL, Gate, body_cost
 from service.web.errors import BodyTooLarge, send_problem
 from service.web.paths import route_path
 
@@ -50,6 +50,12 @@ class Admission:
             await send_problem(send, route_path(scope), 413, detail, [(b"connection", b"close")])
             return
         gate = self.gate
+        if length is not None and length < SMALL and gate.enter_small():  # the commonest request
+            try:
+                await self.app(scope, receive, send)
+            finally:
+                gate.leave(0)
+            return
         if gate.full() and route_path(scope).startswith(UNLIMITED):  # probes are never refused
             await self.app(scope, receive, send)
             return

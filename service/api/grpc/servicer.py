@@ -132,7 +132,8 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         if gate is None:  # before the app has started: the handler says UNAVAILABLE
             return await handler(self, request, context)
         cost = body_cost(request.ByteSize()) if isinstance(request, pb.ModelInferRequest) else 0
-        if (refused := await gate.enter(cost)) is not None:
+        refused = None if not cost and gate.enter_small() else await gate.enter(cost)
+        if refused is not None:
             raise Failed(StatusCode.RESOURCE_EXHAUSTED, f"the server is busy ({refused[1]}): retry in a moment")
         try:
             return await handler(self, request, context)
