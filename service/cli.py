@@ -41,6 +41,7 @@ def spec_text(settings: Settings) -> str:
 def _serve(args: argparse.Namespace, settings: Settings) -> int:
     import uvicorn
 
+    from service.core.gate import COST_PER_BODY_BYTE
     from service.server.drain import IN_FLIGHT, GrpcOptions, serve
     from service.server.logs import uvicorn_log_config
     from service.server.protocol import GuardedHttpToolsProtocol
@@ -68,7 +69,8 @@ def _serve(args: argparse.Namespace, settings: Settings) -> int:
     with _metrics_dir(settings, config.workers):
         try:
             grpc_port = settings.grpc_port if args.grpc_port is None else args.grpc_port
-            grpc = GrpcOptions(config.host, grpc_port, settings.max_body_bytes)
+            arriving = settings.memory_budget // COST_PER_BODY_BYTE
+            grpc = GrpcOptions(config.host, grpc_port, settings.max_body_bytes, arriving)
             return serve(config, settings.shutdown_delay, grpc if grpc_port else None)
         except KeyboardInterrupt:
             return 0

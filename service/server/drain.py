@@ -29,12 +29,15 @@ SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
 
 @dataclass(frozen=True)
 class GrpcOptions:
-    """Where gRPC listens beside HTTP, and its largest message (ENCODER_MAX_BODY_BYTES); the
-    requests in progress and the memory budget are the app's (service.core.gate), shared with REST."""
+    """Where gRPC listens beside HTTP, its largest message (ENCODER_MAX_BODY_BYTES) and how many
+    bytes of messages still arriving it holds at most (the memory budget's share of raw bodies,
+    ENCODER_MEMORY_BUDGET / 4); the requests in progress and the memory budget of the calls being
+    answered are the app's (service.core.gate), shared with REST."""
 
     host: str
     port: int
     max_message_bytes: int
+    max_arriving_bytes: int = 64 * 1024 * 1024
 
 
 GrpcAddress = GrpcOptions | None

@@ -78,7 +78,7 @@ class RpcServer:
     def __init__(self, options: GrpcOptions, state: dict[str, Any]) -> None:
         self.host, self.port = options.host, options.port
         self.address = f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
-        self.server = Server(options.max_message_bytes)  # RESOURCE_EXHAUSTED above it
+        self.server = Server(options.max_message_bytes, options.max_arriving_bytes)  # RESOURCE_EXHAUSTED above
         servicer = Servicer(state)
         inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, self.server)  # type: ignore[no-untyped-call]
         self.server.rejected = servicer.log_rejected  # calls answered before any handler ran: logged too

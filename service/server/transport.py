@@ -88,8 +88,13 @@ class Context:
 class Server:
     """The services, and the listening sockets of one process."""
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, max_arriving_bytes: int | None = None) -> None:
         self.max_message_bytes = max_message_bytes
+        # The bytes of calls still arriving, held across every connection, and how many may be:
+        # past it a call is refused as its bytes come (RESOURCE_EXHAUSTED), so that many clients
+        # sending big messages at once cannot fill the memory before any handler sees them.
+        self.arriving = 0
+        self.max_arriving_bytes = max_arriving_bytes if max_arriving_bytes is not None else 4 * max_message_bytes
         # Told of each call of a known method answered before its handler ran (a message over the
         # limit, a deadline passed while it arrived...): (path, status, context, seconds).
         self.rejected: Callable[[str, StatusCode, Context, float], None] | None = None
@@ -143,6 +148,7 @@ class Call:
         "context",
         "encoding",
         "handler",
+        "held",
         "messages",
         "out",
         "path",
@@ -170,6 +176,7 @@ class Call:
         self.waiting: Any = None  # what a handler started at once waits for, before it has a task (_start)
         self.cancelled = False
         self.encoding = b"identity"  # grpc-encoding: how its messages say they are compressed
+        self.held = 0  # bytes of it counted in Server.arriving
         self.running = False  # its handler has been started
         self.pending: asyncio.Future[None] | None = None  # waiting for the client's flow-control window
 
@@ -343,7 +350,15 @@ class Connection(asyncio.Protocol):
         call = self.calls.get(event.stream_id)
         if call is None:
             return
+        server = self.server
+        if not call.running and server.arriving + len(event.data) > server.max_arriving_bytes:
+            limit = f"more than {server.max_arriving_bytes} bytes of messages arriving at once"
+            self._fail(call, StatusCode.RESOURCE_EXHAUSTED, f"the server is busy ({limit}): retry in a moment")
+            return
         call.body += event.data
+        if not call.running:
+            server.arriving += len(event.data)
+            call.held += len(event.data)
         if len(call.body) >= 5:
             length = PREFIX.unpack_from(call.body)[1]
             if length > self.server.max_message_bytes or len(call.body) > 5 + self.server.max_message_bytes:
@@ -393,6 +408,7 @@ class Connection(asyncio.Protocol):
             self._fail(call, StatusCode.INTERNAL, "the request message could not be parsed")
             return
         call.body = bytearray()
+        self._release(call)
         self._start(call, request)
 
     def _start(self, call: Call, request: Any) -> None:
@@ -571,8 +587,14 @@ class Connection(asyncio.Protocol):
             self._fail(call, StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
             self.flush()
 
+    def _release(self, call: Call) -> None:
+        """The call's bytes no longer count as arriving (it is read whole, or over)."""
+        self.server.arriving -= call.held
+        call.held = 0
+
     def _cancel(self, call: Call) -> None:
         """The call is over for the client (reset, connection gone) or for us: stop all of it."""
+        self._release(call)
         if call.timer is not None:
             call.timer.cancel()
         self._stop_handler(call)

@@ -167,6 +167,21 @@ def test_a_call_past_its_deadline_is_not_computed(stub: stubs.GRPCInferenceServi
     assert caught.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+def test_messages_arriving_at_once_are_held_to_a_quarter_of_the_memory_budget() -> None:
+    server = start_server(SERVE, memory_budget=str(1024 * 1024))  # 256 KiB of messages arriving
+    try:
+        with grpc.insecure_channel(server.grpc) as channel:
+            stub = stubs.GRPCInferenceServiceStub(channel)
+            assert stub.ModelInfer(infer_request("autoencoder", ROWS, True)).outputs
+            big = infer_request("autoencoder", np.zeros((20_000, 5), dtype=np.int32), True)  # 400 kB
+            with pytest.raises(grpc.RpcError) as caught:
+                stub.ModelInfer(big)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "262144 bytes of messages arriving" in caught.value.details()
+    finally:
+        server.stop()
+
+
 @pytest.mark.slow
 def test_a_long_computation_is_given_up_at_its_deadline() -> None:
     """A batch whose deadline passes while it is computed ends at the next block of 1024 rows:

@@ -268,3 +268,44 @@ def test_the_server_keeps_the_deadline_itself(running: Running) -> None:
     answered = raw_call(running.port, headers, b"\0\0\0\0\x037.0")  # the handler would take 7 s
     assert answered["grpc-status"] == str(grpc.StatusCode.DEADLINE_EXCEEDED.value[0])
     assert "7.0" in running.service.cancelled
+
+
+def test_messages_arriving_at_once_are_held_to_a_total(running: Running) -> None:
+    """Bytes of calls not yet read whole count against Server.max_arriving_bytes across every
+    connection: past it, a call is refused as its bytes come; the others go on, and every byte
+    counted is given back."""
+    assert running.server.max_arriving_bytes == 4 * LIMIT  # the default: four largest messages
+    client = h2.connection.H2Connection(h2.config.H2Configuration(client_side=True, header_encoding="utf-8"))
+    headers = [(":method", "POST"), (":scheme", "http"), (":authority", "x"), (":path", "/test.T/echo")]
+    headers.append(("content-type", "application/grpc"))
+    part = b"\0" * (LIMIT // 2)  # half a largest message, sent in frames of 16 KiB
+    answered: dict[int, dict[str, str]] = {}
+    with socket.create_connection(("127.0.0.1", running.port), timeout=10) as sock:
+        client.initiate_connection()
+        sock.sendall(client.data_to_send())
+        while client.outbound_flow_control_window <= 65535:  # the server's settings and window first
+            client.receive_data(sock.recv(65536))
+            sock.sendall(client.data_to_send())
+        first = b"\0" + (LIMIT - 10).to_bytes(4, "big")  # declares a message just under the limit
+        for stream in range(1, 20, 2):  # ten calls, each sending half a message, none ending yet
+            client.send_headers(stream, headers)
+            window = client.local_flow_control_window(stream)
+            data = (first + part)[: min(window, LIMIT // 2)]
+            for i in range(0, len(data), 16384):
+                client.send_data(stream, data[i : i + 16384])
+            sock.sendall(client.data_to_send())
+        deadline = time.monotonic() + 10
+        while len(answered) < 2 and time.monotonic() < deadline:  # the calls past the total are refused
+            data = sock.recv(65536)
+            for event in client.receive_data(data):
+                if isinstance(event, (h2.events.ResponseReceived, h2.events.TrailersReceived)):
+                    answered.setdefault(event.stream_id, {}).update(dict(event.headers))
+            sock.sendall(client.data_to_send())
+    refused = {stream for stream, got in answered.items() if got.get("grpc-status") == "8"}
+    assert refused, answered
+    assert min(refused) > 1, answered  # the first calls went on; later ones were refused
+    for _ in range(100):  # the connection is gone: everything it held is given back
+        if running.server.arriving == 0:
+            break
+        time.sleep(0.02)
+    assert running.server.arriving == 0
