@@ -205,7 +205,7 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self.gone = False  # GOAWAY sent: no new calls
         self.flushing = False  # a flush is scheduled (flush_soon)
-        self.loop = asyncio.get_event_loop()
+        self.loop = asyncio.get_running_loop()  # made by the loop's server, on it
 
     # -- asyncio
 
