@@ -84,6 +84,12 @@ class Load:
         return self.seen
 
 
+def loaded(live: Server) -> None:
+    """Load model m again; the server's last lines if it does not answer 200."""
+    response = httpx.post(f"{live.url}/v2/repository/models/m/load", timeout=90)
+    assert response.status_code == 200, (response.text, live.output()[-4000:])
+
+
 def fresh(url: str, path: str, count: int = 40) -> list[httpx.Response]:
     """`count` requests, each on a new connection: with two workers the kernel spreads them over both."""
     return [httpx.post(url + path, json={"inputs": ROWS}, headers={"connection": "close"}) for _ in range(count)]
@@ -111,19 +117,19 @@ def test_hot_swaps_under_load_answer_every_request_on_one_version(
         time.sleep(0.3)
         # A new version: served by every worker once the call has answered.
         expected["2"] = [codes(put(root, 2, seed=2))]
-        assert httpx.post(f"{live.url}/v2/repository/models/m/load", timeout=90).status_code == 200
+        loaded(live)
         assert {r.headers["x-model-version"] for r in fresh(live.url, "/v1/models/m/autoencoder/encode")} == {"2"}
         time.sleep(0.3)
         # An old version unloaded: its folder removed, the model loaded again.
         for path in (root / "m" / "1").iterdir():
             path.unlink()
         (root / "m" / "1").rmdir()
-        assert httpx.post(f"{live.url}/v2/repository/models/m/load", timeout=90).status_code == 200
+        loaded(live)
         assert {r.status_code for r in fresh(live.url, "/v1/models/m/versions/1/autoencoder/encode")} == {404}
         time.sleep(0.3)
         # A version's file replaced: the new weights answer, as version 2 still.
         expected["2"].append(codes(replace_file(root, 2, seed=3)))
-        assert httpx.post(f"{live.url}/v2/repository/models/m/load", timeout=90).status_code == 200
+        loaded(live)
         after = fresh(live.url, "/v1/models/m/autoencoder/encode")
         assert {r.headers["x-model-version"] for r in after} == {"2"}
         assert all(r.json()["codes"] == expected["2"][1] for r in after)
