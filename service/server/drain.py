@@ -42,6 +42,10 @@ class GrpcOptions:
 
 GrpcAddress = GrpcOptions | None
 IN_FLIGHT = 30  # seconds the server gives requests in flight to finish once it stops (after the drain)
+# Seconds between the two looks at a listening socket's queue before it closes: a client whose
+# SYN was answered just before refuse_handshakes completes its handshake within a round trip, and
+# is accepted at the second look instead of reset by the close.
+STRAGGLERS = 0.01
 
 
 def refuse_handshakes(listener: socket.socket) -> None:
@@ -158,14 +162,19 @@ class DrainingServer(uvicorn.Server):
         accepted = 0
         for listener in listeners:
             listener.setblocking(False)
-            while True:
-                try:
-                    connection, _ = listener.accept()
-                except (BlockingIOError, InterruptedError):
-                    break
-                connection.setblocking(False)
-                await loop.connect_accepted_socket(protocol, connection)
-                accepted += 1
+        for look in range(2):
+            if look:  # a handshake under way as the filter went on completes within a round trip
+                await asyncio.sleep(STRAGGLERS)
+            for listener in listeners:
+                while True:
+                    try:
+                        connection, _ = listener.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    connection.setblocking(False)
+                    await loop.connect_accepted_socket(protocol, connection)
+                    accepted += 1
+        for listener in listeners:
             listener.close()
         if accepted:
             logger.info("Accepted %d queued connection(s) before closing the listening sockets", accepted)
