@@ -309,6 +309,10 @@ def test_workers_have_a_group_of_their_own_and_do_not_outlive_the_supervisor() -
     try:
         workers = _workers(server.process.pid)
         assert len(workers) == 2
+        # /readyz answered once one worker was up; the other sets its group as it starts.
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not all(os.getpgid(pid) == pid for pid in workers):
+            time.sleep(0.1)
         assert all(os.getpgid(pid) == pid != os.getpgid(server.process.pid) for pid in workers)
         server.process.kill()  # no chance to pass anything on
         server.process.wait(timeout=10)
