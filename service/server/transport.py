@@ -17,6 +17,7 @@ TLS (as before: plaintext HTTP/2, h2c, behind whatever terminates TLS).
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import contextvars
 import logging
@@ -533,8 +534,11 @@ class Connection(asyncio.Protocol):
             await call.pending
 
     def _window_opened(self, stream_id: int) -> None:
-        calls = self.calls.values() if stream_id == 0 else [c for c in (self.calls.get(stream_id),) if c is not None]
-        for call in list(calls):
+        if stream_id == 0:  # the connection's window: any call may go on
+            calls = list(self.calls.values())
+        else:
+            calls = [call] if (call := self.calls.get(stream_id)) is not None else []
+        for call in calls:
             if call.out:
                 with contextlib.suppress(h2.exceptions.StreamClosedError, h2.exceptions.ProtocolError):
                     self._send_some(call)
@@ -644,8 +648,6 @@ def _timeout(value: bytes) -> float | None:
 
 
 def _unbase64(value: bytes) -> bytes:
-    import base64
-
     with contextlib.suppress(ValueError):
         return base64.b64decode(value + b"=" * (-len(value) % 4))
     return b""
