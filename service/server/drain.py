@@ -48,15 +48,27 @@ IN_FLIGHT = 30  # seconds the server gives requests in flight to finish once it 
 STRAGGLERS = 0.01
 
 
+# A classic BPF program, run by the kernel on each packet that reaches the listening socket, from
+# its TCP header on: a SYN (a new handshake) is dropped, anything else kept whole, so that a
+# handshake already answered completes, and its request arrives, into the queue that is accepted.
+TCP_SYN = 0x02
+DROP_SYN = (
+    (0x30, 0, 0, 13),  # ldb [13]: the TCP header's flags
+    (0x45, 0, 1, TCP_SYN),  # jset #SYN: a new handshake ...
+    (0x06, 0, 0, 0),  # ret #0: ... is dropped
+    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: a handshake's last ACK, data: kept
+)
+
+
 def refuse_handshakes(listener: socket.socket) -> None:
-    """Have the kernel drop every packet that reaches a listening socket from now on (a socket
-    filter that keeps nothing), so that no new handshake completes into its queue while the queue
-    is accepted and the socket closed: a connection that completed in between would be reset.
-    A client whose SYN is dropped sends it again a second later and finds the socket closed:
-    refused, which a client or balancer retries elsewhere. Linux only; elsewhere, nothing."""
-    drop_all = struct.pack("HBBI", 0x06, 0, 0, 0)  # BPF_RET | BPF_K, return 0: keep no byte
-    program = ctypes.create_string_buffer(drop_all)
-    fprog = struct.pack("HL", 1, ctypes.addressof(program))  # struct sock_fprog {len, *filter}
+    """Have the kernel drop every SYN that reaches a listening socket from now on (a socket
+    filter), so that no new handshake starts into its queue while the queue is accepted and the
+    socket closed: a connection that completed in between would be reset. A client whose SYN is
+    dropped sends it again a second later and finds the socket closed: refused, which a client or
+    balancer retries elsewhere. A handshake the socket answered before completes as usual (its last
+    ACK is kept), and is accepted with the queue (STRAGGLERS). Linux only; elsewhere, nothing."""
+    program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in DROP_SYN))
+    fprog = struct.pack("HL", len(DROP_SYN), ctypes.addressof(program))  # struct sock_fprog {len, *filter}
     with contextlib.suppress(OSError, AttributeError):
         listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 

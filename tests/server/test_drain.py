@@ -326,6 +326,27 @@ def test_workers_have_a_group_of_their_own_and_do_not_outlive_the_supervisor() -
         server.stop()
 
 
+def test_a_handshake_answered_before_the_listener_refuses_completes_into_its_queue() -> None:
+    """A client whose SYN was answered just before the drain's filter: its last ACK and its
+    request still reach the queue, and are accepted; dropping them (as a filter of every packet
+    did) left the client to be reset once the socket closed. TCP_DEFER_ACCEPT holds the handshake
+    half-done in the kernel until the request's first bytes come, so they are what crosses the
+    filter here, deterministically."""
+    from service.server.drain import refuse_handshakes
+
+    with socket.socket() as listener:
+        listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        with socket.create_connection(listener.getsockname(), timeout=1) as client:  # SYN answered
+            refuse_handshakes(listener)
+            client.sendall(b"GET / HTTP/1.1\r\n\r\n")  # completes the handshake, after the filter
+            listener.settimeout(2)
+            accepted, _ = listener.accept()
+            with accepted:
+                assert accepted.recv(100) == b"GET / HTTP/1.1\r\n\r\n"
+
+
 def test_a_listener_that_refuses_handshakes_still_hands_over_its_queue() -> None:
     from service.server.drain import refuse_handshakes
 
