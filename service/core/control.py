@@ -45,6 +45,9 @@ class Control:
         self.applied = 0  # how many of the shared actions this worker has applied
         self.acked = -1  # how many its ack file says
         self.seen: tuple[int, int] | None = None
+        # One catch-up at a time: the loop's and a call's would otherwise both apply an action
+        # appended between their reads, and count it twice.
+        self.catching_up = asyncio.Lock()
 
     async def submit(self, action: Action, timeout: float = 60.0) -> None:
         """Apply an action in every worker; return once each has (TimeoutError if one does not)."""
@@ -63,12 +66,13 @@ class Control:
         """Apply the shared actions this worker has not applied yet, and say how far it got."""
         if self.shared is None:
             return
-        actions = await asyncio.to_thread(self._read)
-        for action in (actions or [])[self.applied :]:
-            await self.apply(action)
-            self.applied += 1
-        if self.applied != self.acked:
-            await asyncio.to_thread(self._ack)
+        async with self.catching_up:
+            actions = await asyncio.to_thread(self._read)
+            for action in (actions or [])[self.applied :]:
+                await self.apply(action)
+                self.applied += 1
+            if self.applied != self.acked:
+                await asyncio.to_thread(self._ack)
 
     async def run(self) -> None:
         """Catch up every TICK seconds, for as long as the worker serves."""
