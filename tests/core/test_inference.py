@@ -76,8 +76,8 @@ def test_a_batch_is_given_up_at_the_first_block_after_its_deadline_and_not_count
     assert clock.looked == 3  # no block was computed after the deadline was seen to pass
     assert metrics.rows == {}  # nothing of a given-up batch is counted
 
-    out = core.encode(served, kinds, x, samples=2, seed=7, expired=never)  # the same batch in time
-    assert out.arrays.keys() == {name for kind in kinds for name in kind.outputs}
+    arrays, _ = core.encode(served, kinds, x, samples=2, seed=7, expired=never)  # the same batch in time
+    assert arrays.keys() == {name for kind in kinds for name in kind.outputs}
     assert sum(metrics.rows.values()) == len(kinds) * x.shape[0]
 
 
@@ -85,6 +85,6 @@ def test_a_batch_of_one_block_is_computed_whole_whatever_the_deadline() -> None:
     core, metrics = make_core()
     served = core.resolve(None, None)
     x = np.ones((ROWS_PER_BLOCK, 6), dtype=np.uint8)
-    out = core.encode_one(served, AUTOENCODER, x, expired=lambda: True)  # the caller checks before it starts
-    assert out.arrays["codes"].shape == (ROWS_PER_BLOCK, 3)
+    arrays, _ = core.encode_one(served, AUTOENCODER, x, expired=lambda: True)  # the caller checks before it starts
+    assert arrays["codes"].shape == (ROWS_PER_BLOCK, 3)
     assert sum(metrics.rows.values()) == ROWS_PER_BLOCK

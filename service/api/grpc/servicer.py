@@ -236,11 +236,11 @@ class Servicer(stubs.GRPCInferenceServiceServicer):
         _in_time(context)
         if span is not None:
             span.mark("parse")
-        out = oip.infer(core, served, kinds, decoded, lambda: _late(context))
+        arrays, seed = oip.infer(core, served, kinds, decoded, lambda: _late(context))
         _in_time(context)  # the last block may end past the deadline
         if span is not None:
             span.mark("compute")
-        response = tensors.encode(request.model_name, str(served.version), decoded, out.arrays, out.seed, raw)
+        response = tensors.encode(request.model_name, str(served.version), decoded, arrays, seed, raw)
         if span is not None:
             span.mark("encode")
         return response

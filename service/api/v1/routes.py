@@ -170,7 +170,7 @@ async def encode_autoencoder(request: AutoencoderRequest, at: AnsweringDep) -> A
     """The deterministic bottleneck `relu(x @ W + b)` of each row: the same rows always give the same codes."""
     core, served = at
     x = decode_batch(request.inputs, served)
-    codes = core.encode_one(served, AUTOENCODER, x).arrays["codes"]
+    codes = core.encode_one(served, AUTOENCODER, x)[0]["codes"]
     context = {"rows": x.shape[0], "latent_dim": served.model.latent_dim}
     return AutoencoderResponse.model_validate({"codes": codes}, context=context)
 
@@ -192,8 +192,8 @@ async def encode_vae(request: VaeRequest, at: AnsweringDep) -> VaeResponse:
     """
     core, served = at
     x = decode_batch(request.inputs, served, request.samples)
-    out = core.encode_one(served, VAE, x, request.samples, request.seed)
-    fields = {**out.arrays, "seed": out.seed}
+    arrays, seed = core.encode_one(served, VAE, x, request.samples, request.seed)
+    fields = {**arrays, "seed": seed}
     context = {"rows": x.shape[0], "latent_dim": served.model.latent_dim, "samples": request.samples}
     return VaeResponse.model_validate(fields, context=context)
 

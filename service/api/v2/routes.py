@@ -189,11 +189,11 @@ async def infer(model_name: str, request: Request, model_version: str | None = N
     decoded = oip.decode(body, header, model_name, served.model.input_dim, outputs)
     if span is not None:
         span.mark("parse")
-    out = oip.infer(core, served, kinds, decoded)
+    arrays, seed = oip.infer(core, served, kinds, decoded)
     if span is not None:
         span.mark("compute")
-    parameters = {"seed": out.seed} if out.seed is not None else None
-    content, headers = oip.encode(model_name, str(served.version), decoded, out.arrays, parameters)
+    parameters = {"seed": seed} if seed is not None else None
+    content, headers = oip.encode(model_name, str(served.version), decoded, arrays, parameters)
     if span is not None:
         span.mark("encode")
     return Response(content, headers=headers | {name.decode(): value.decode() for name, value in served.headers})
