@@ -222,9 +222,14 @@ def affine(x: Batch, weight: Array, bias: Array) -> Array:
 
     A compact batch is never copied to float64 whole (10,000 x 784 would take 63 MB; a block takes
     6.4 MB), and every batch is blocked the same way, so a row's numbers never depend on how the
-    batch was sent.
+    batch was sent. A batch of one block is one matmul, with no slices: the loop's numbers, and
+    a one-row request ~4% cheaper, measured (bench/paired.py).
     """
     n = x.shape[0]
+    if n <= ROWS_PER_BLOCK:  # one block: the batch itself
+        h = np.matmul(x.astype(np.float64, copy=False), weight)  # (n, d) @ (d, k) -> (n, k)
+        h += bias
+        return h
     h = np.empty((n, weight.shape[1]))  # (n, k)
     for start in range(0, n, ROWS_PER_BLOCK):
         block = x[start : start + ROWS_PER_BLOCK].astype(np.float64, copy=False)  # (b, d)
