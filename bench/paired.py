@@ -17,6 +17,9 @@ it measures what a setting costs, e.g. traces with a 1% sampler:
     --base HEAD --collector --env OTEL_TRACES_SAMPLER=parentbased_traceidratio --env OTEL_TRACES_SAMPLER_ARG=0.01
 `--collector` runs an OTLP/HTTP sink in this process (it answers every export 200) and points the
 working tree's OTEL_EXPORTER_OTLP_ENDPOINT at it. `--header` adds a header to every request of both.
+`--path` sends the working tree's requests to another path: what a named model costs against the
+default one, for a repository DIR holding a model m as wide as the workload's input:
+    --base HEAD --env ENCODER_MODEL_REPOSITORY=DIR --path /v1/models/m/autoencoder/encode
 Needs wrk and taskset (Debian: apt-get install wrk util-linux), and git.
 """
 
@@ -58,8 +61,10 @@ def start(tree: Path, input_dim: int, extra: dict[str, str] | None = None) -> Se
     return launch(command, port, tree, env, f"the service in {tree}")
 
 
-def answered(servers: list[Server], path: str, connections: int, body: Path, script: Path, duration: int) -> list[int]:
-    """Load every server at once, a wrk each on core 1; the requests each answered."""
+def answered(
+    servers: list[Server], paths: list[str], connections: int, body: Path, script: Path, duration: int
+) -> list[int]:
+    """Load every server at once (each at its path), a wrk each on core 1; the requests each answered."""
     loads = [
         subprocess.Popen(
             wrk(f"{server.url}{path}", connections, duration, script),
@@ -67,7 +72,7 @@ def answered(servers: list[Server], path: str, connections: int, body: Path, scr
             stdout=subprocess.PIPE,
             text=True,
         )
-        for server in servers
+        for server, path in zip(servers, paths, strict=True)
     ]
     counts = []
     for load in loads:
@@ -105,6 +110,7 @@ def main() -> None:
     parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the working tree's service")
     parser.add_argument("--collector", action="store_true", help="an OTLP sink for the working tree's traces")
     parser.add_argument("--header", action="append", default=[], help="NAME:VALUE sent with every request")
+    parser.add_argument("--path", help="the working tree's path, in place of the workload's")
     args = parser.parse_args()
     extra = dict(item.split("=", 1) for item in args.env)
     if args.collector:
@@ -128,9 +134,10 @@ def main() -> None:
         for round_ in range(1, args.rounds + 1):
             trees = [base, ROOT] if round_ % 2 else [ROOT, base]  # which starts first changes each round
             servers = [start(tree, work.input_dim, extra if tree is ROOT else None) for tree in trees]
+            paths = [args.path or work.path if tree is ROOT else work.path for tree in trees]
             try:
-                answered(servers, work.path, work.connections, body, script, 1)  # warm both up
-                counts = answered(servers, work.path, work.connections, body, script, args.duration)
+                answered(servers, paths, work.connections, body, script, 1)  # warm both up
+                counts = answered(servers, paths, work.connections, body, script, args.duration)
             finally:
                 for server in servers:
                     server.stop()

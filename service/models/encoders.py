@@ -227,7 +227,7 @@ def affine(x: Batch, weight: Array, bias: Array) -> Array:
     """
     n = x.shape[0]
     if n <= ROWS_PER_BLOCK:  # one block: the batch itself
-        h = np.matmul(x.astype(np.float64, copy=False), weight)  # (n, d) @ (d, k) -> (n, k)
+        h: Array = np.matmul(x.astype(np.float64, copy=False), weight)  # (n, d) @ (d, k) -> (n, k)
         h += bias
         return h
     h = np.empty((n, weight.shape[1]))  # (n, k)

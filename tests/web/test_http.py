@@ -5,6 +5,7 @@ LeanRoute's refusal of what it would ignore."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -298,3 +299,42 @@ def test_lean_dependencies_must_be_async() -> None:
     endpoint = _with_a_sync_dependency
     with pytest.raises(TypeError, match="neither the body nor an async Depends"):
         APIRouter(route_class=LeanRoute).add_api_route("/lean", endpoint, methods=["POST"])
+
+
+async def _named(request: AutoencoderRequest, name: Annotated[str, Depends(_path_name)]) -> Any:
+    codes = np.full((1, 1), float(len(name)))
+    return AutoencoderResponse.model_validate({"codes": codes}, context={"rows": 1, "latent_dim": 1})
+
+
+async def _path_name(request: Request) -> str:
+    request.path_params["name"] += "!"  # an endpoint that changes its parameters changes no later request's
+    return str(request.path_params["name"])
+
+
+def test_a_lane_with_path_parameters_gives_each_request_its_own_and_keeps_a_bounded_number_of_paths(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import service.web.lean as lean_module
+
+    monkeypatch.setattr(lean_module, "MATCHED", 2)
+    router = APIRouter(route_class=LeanRoute)
+    router.add_api_route("/named/{name}/encode", _named, methods=["POST"])
+    lane = FastLane(FastAPI(), router.routes)
+
+    async def post(path: str) -> list[list[float]]:
+        sent: list[Message] = []
+
+        async def receive() -> Message:
+            return {"type": "http.request", "body": b'{"inputs": [[0, 1]]}', "more_body": False}
+
+        async def send(message: Message) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json")]
+        await lane({"type": "http", "method": "POST", "path": path, "headers": headers}, receive, send)
+        assert sent[0]["status"] == 200, sent
+        return list(json.loads(sent[1]["body"])["codes"])
+
+    for name in ["ab", "ab", "abcd", "a", "abcde", "ab"]:
+        assert asyncio.run(post(f"/named/{name}/encode")) == [[len(name) + 1]]
+    assert len(lane.matched) == 2

@@ -224,3 +224,17 @@ def test_lines_kept_when_a_loop_ends_go_out_with_the_next_loop_s_batch() -> None
     asyncio.run(one(b"first", 0))  # its loop ends before the delayed write
     asyncio.run(one(b"second", 0.2))  # as a test client without a lifespan does, request after request
     assert [line["request_id"] for line in _lines(stream)] == ["first", "second"]
+
+
+def test_paths_with_parameters_are_labelled_by_their_template_and_the_labels_kept_are_bounded(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import service.core.metrics as metrics_module
+
+    monkeypatch.setattr(metrics_module, "TEMPLATED", 3)
+    metrics = Metrics(routes=["/v1/autoencoder/encode", "/v1/models/{model_name}/autoencoder/encode"])
+    for name in ["a", "b", "a", "c", "d", "e", "a"]:
+        assert metrics.route(f"/v1/models/{name}/autoencoder/encode") == "/v1/models/{model_name}/autoencoder/encode"
+    assert metrics.route("/v1/models/a/b/autoencoder/encode") == "unmatched"  # [^/]+: one segment
+    assert metrics.route("/v1/autoencoder/encode") == "/v1/autoencoder/encode"
+    assert len(metrics.templated) == 3  # made-up names are matched each time, not kept

@@ -111,6 +111,8 @@ def inference_route(
             async def per_model(**arguments: Any) -> Any:
                 return await endpoint(**arguments)
 
+            per_model.__wrapped__ = endpoint  # type: ignore[attr-defined]  # what LeanRoute calls instead
+
             signature = inspect.signature(endpoint, eval_str=True)
             first, *rest = signature.parameters.values()
             per_model.__signature__ = signature.replace(  # type: ignore[attr-defined]
