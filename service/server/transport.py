@@ -42,6 +42,14 @@ logger = logging.getLogger("uvicorn.error")
 
 WINDOW = 16 * 1024 * 1024  # bytes a client may send ahead, per connection and per stream
 MAX_STREAMS = 1000  # calls at once on one connection
+# A graceful stop says GOAWAY twice, as gRPC's own servers do: first with the highest stream id
+# (no new calls here, please; those already on their way are served) and a PING, then, once the
+# client has answered the PING (it has read the first) or NOTICE seconds have passed, with the last
+# stream id served. One GOAWAY naming the last stream races the calls a client sends meanwhile:
+# nginx answers those 502 (its grpc_pass does not retry them), seen under load in rolling restarts.
+GOING = 2**31 - 1
+NOTICE = 1.0
+NOTICE_PING = b"stopping"
 PREFIX = struct.Struct(">?I")  # a message on the wire: compressed?, length, then the message
 RESPONSE_HEADERS = [
     (b":status", b"200"),
@@ -127,6 +135,9 @@ class Server:
         self.closing = True
         for listener in self.listeners:
             listener.close()
+        notices = [connection.notice() for connection in list(self.connections)]
+        if notices:
+            await asyncio.wait(notices, timeout=min(NOTICE, grace))
         for connection in list(self.connections):
             connection.go_away()
         deadline = time.monotonic() + grace
@@ -205,6 +216,7 @@ class Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.peer = ""
         self.gone = False  # GOAWAY sent: no new calls
+        self.noticed: asyncio.Future[None] | None = None  # the first GOAWAY's PING answered (notice)
         self.flushing = False  # a flush is scheduled (flush_soon)
         self.loop = asyncio.get_running_loop()  # made by the loop's server, on it
 
@@ -234,6 +246,7 @@ class Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.server.connections.discard(self)
+        self._noticed()
         for call in self.calls.values():
             self._cancel(call)
         self.calls.clear()
@@ -259,6 +272,8 @@ class Connection(asyncio.Protocol):
                 self._window_opened(event.stream_id)
             elif isinstance(event, h2.events.ConnectionTerminated):
                 self.go_away()
+            elif isinstance(event, h2.events.PingAckReceived) and event.ping_data == NOTICE_PING:
+                self._noticed()
         self.flush()
 
     def flush(self) -> None:
@@ -273,10 +288,30 @@ class Connection(asyncio.Protocol):
             self.flushing = True
             self.loop.call_soon(self.flush)
 
+    def notice(self) -> asyncio.Future[None]:
+        """The first GOAWAY of a graceful stop (GOING: calls still come in and are served) and a
+        PING; done when the client has answered it, or the connection is gone."""
+        noticed = self.noticed = self.loop.create_future()
+        if self.gone or self.transport is None or self.transport.is_closing():
+            self._noticed()
+            return noticed
+        self.flush()
+        self.transport.write(GoAwayFrame(stream_id=0, last_stream_id=GOING, error_code=0).serialize())
+        try:
+            self.h2.ping(NOTICE_PING)
+        except h2.exceptions.ProtocolError:  # the client has closed its side (its own GOAWAY)
+            self._noticed()
+        self.flush()
+        return noticed
+
+    def _noticed(self) -> None:
+        if self.noticed is not None and not self.noticed.done():
+            self.noticed.set_result(None)
+
     def go_away(self) -> None:
-        """No new calls on this connection (GOAWAY); the connection closes once those in it are
-        answered. The frame is written here, not by h2: its close_connection() would end the
-        streams still being answered."""
+        """No new calls on this connection (the last GOAWAY, naming the last call it serves); the
+        connection closes once those in it are answered. The frame is written here, not by h2: its
+        close_connection() would end the streams still being answered."""
         if self.gone:
             return
         self.gone = True

@@ -19,7 +19,9 @@ import grpc
 import h2.config
 import h2.connection
 import h2.events
+import hpack
 import pytest
+from hyperframe.frame import DataFrame, Frame, GoAwayFrame, HeadersFrame, PingFrame, SettingsFrame
 
 from service.server.transport import Context, Server
 from tests.conftest import free_port
@@ -309,3 +311,79 @@ def test_messages_arriving_at_once_are_held_to_a_total(running: Running) -> None
             break
         time.sleep(0.02)
     assert running.server.arriving == 0
+
+
+class Frames:
+    """A bare HTTP/2 client written frame by frame (hyperframe, hpack), for what h2's own client
+    state machine will not do: open a stream after the server's first GOAWAY."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        self.encoder, self.decoder = hpack.Encoder(), hpack.Decoder()
+        self.buffer = b""
+        self.sock.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + SettingsFrame(0).serialize())
+
+    def call(self, stream_id: int, path: str, message: bytes) -> bytes:
+        """A unary gRPC request's frames (not sent)."""
+        headers = [(":method", "POST"), (":scheme", "http"), (":authority", "x"), (":path", path)]
+        headers += [("content-type", "application/grpc"), ("te", "trailers")]
+        head = HeadersFrame(stream_id, self.encoder.encode(headers), flags=["END_HEADERS"])
+        data = DataFrame(stream_id, b"\0" + len(message).to_bytes(4, "big") + message, flags=["END_STREAM"])
+        return bytes(head.serialize() + data.serialize())
+
+    def read(self) -> list[Any]:
+        """The next frames the server sent (a SETTINGS frame is acknowledged)."""
+        while True:
+            chunk = self.sock.recv(65536)
+            assert chunk, "the server closed the connection"
+            self.buffer += chunk
+            frames = []
+            while len(self.buffer) >= 9:
+                frame, length = Frame.parse_frame_header(memoryview(self.buffer[:9]))
+                if len(self.buffer) < 9 + length:
+                    break
+                frame.parse_body(memoryview(self.buffer[9 : 9 + length]))
+                self.buffer = self.buffer[9 + length :]
+                if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
+                    self.sock.sendall(SettingsFrame(0, flags=["ACK"]).serialize())
+                if isinstance(frame, HeadersFrame):
+                    frame.decoded = dict(self.decoder.decode(frame.data))
+                frames.append(frame)
+            if frames:
+                return frames
+
+
+def test_stop_says_goaway_twice_and_serves_the_calls_sent_between() -> None:
+    """First GOAWAY with the highest stream id and a PING; a call the client sends before it has
+    read them (before its PING answer) is served; then the last GOAWAY names that call's stream.
+    One GOAWAY naming the last stream served left such a call unanswered: nginx said 502."""
+    server = Running()
+    client = Frames(server.port)
+    try:
+        client.sock.sendall(client.call(1, "/test.T/echo", b"one"))
+        seen: list[Any] = []
+        while not any(isinstance(f, HeadersFrame) and "grpc-status" in f.decoded for f in seen):
+            seen += client.read()
+        stopped = asyncio.run_coroutine_threadsafe(server.server.stop(5), server.loop)
+        seen = []
+        while not any(isinstance(f, PingFrame) for f in seen):
+            seen += client.read()
+        goaway = next(f for f in seen if isinstance(f, GoAwayFrame))
+        ping = next(f for f in seen if isinstance(f, PingFrame))
+        assert goaway.last_stream_id == 2**31 - 1
+        client.sock.sendall(client.call(3, "/test.T/echo", b"between"))  # sent before the PING's answer
+        client.sock.sendall(PingFrame(0, ping.opaque_data, flags=["ACK"]).serialize())
+        seen = []
+        while not any(isinstance(f, GoAwayFrame) for f in seen):
+            seen += client.read()
+        trailers = [f.decoded for f in seen if isinstance(f, HeadersFrame) and f.stream_id == 3]
+        assert {"grpc-status": "0"}.items() <= trailers[-1].items()
+        data = b"".join(f.data for f in seen if isinstance(f, DataFrame) and f.stream_id == 3)
+        assert data[5:] == b"between"
+        assert next(f for f in seen if isinstance(f, GoAwayFrame)).last_stream_id == 3
+        stopped.result(timeout=10)
+    finally:
+        client.sock.close()
+        server.loop.call_soon_threadsafe(server.loop.stop)
+        server.thread.join(5)
+        server.loop.close()

@@ -1,9 +1,12 @@
 """encoding-service behind a real nginx (Debian's), with deploy/nginx/nginx.conf as shipped: two
-replicas of `encoding-service serve` under /api, upstream keep-alive, load running through nginx.
+replicas of `encoding-service serve` under /api, upstream keep-alive, load running through nginx;
+their gRPC through nginx's grpc_pass on a port of its own.
 
 A rolling restart of both replicas during the load answers every request 2xx, and nginx's error
 log holds no reset or prematurely closed upstream connection; bursts with pauses around the idle
-timeouts meet no keep-alive race; the docs load from under the prefix."""
+timeouts meet no keep-alive race; the docs load from under the prefix. gRPC through nginx gives
+REST's numbers, the service's statuses and health, and a rolling restart under gRPC load fails
+no call, with a client that has no retry policy of its own."""
 
 from __future__ import annotations
 
@@ -20,7 +23,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import grpc
 import httpx
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT, Load, Server, free_port, start_server
@@ -44,10 +49,15 @@ OIP = {"inputs": [{"name": "input", "shape": [1, 5], "datatype": "INT32", "data"
 @dataclass
 class Proxy:
     url: str
+    grpc: str  # nginx's gRPC address, host:port
     error_log: Path
     replicas: list[Server]
-    ports: list[int]
+    ports: list[tuple[int, int]]  # (HTTP, gRPC) of each replica, kept across restarts
     settings: dict[str, str]
+
+    def start(self, index: int) -> Server:
+        http, grpc_port = self.ports[index]
+        return start_server(SERVE, port=http, grpc_port=str(grpc_port), **self.settings)
 
     def restart(self, index: int) -> None:
         """Roll one replica as Kubernetes would: SIGTERM, wait for it to exit, start it again, ready."""
@@ -55,7 +65,7 @@ class Proxy:
         old.process.send_signal(signal.SIGTERM)
         assert old.process.wait(timeout=60) == 0, old.output()
         old.stop()
-        self.replicas[index] = start_server(SERVE, port=self.ports[index], **self.settings)
+        self.replicas[index] = self.start(index)
 
     def upstream_errors(self) -> list[str]:
         """Lines of nginx's error log about an upstream connection that broke, not just refused."""
@@ -63,17 +73,20 @@ class Proxy:
         return [
             line
             for line in text.splitlines()
-            if re.search(r"reset by peer|prematurely closed|upstream timed out|no live upstreams", line)
+            if re.search(r"reset by peer|prematurely closed|upstream timed out|no live upstreams|goaway", line)
         ]
 
 
-def _config(listen: int, ports: list[int]) -> str:
+def _config(listen: int, listen_grpc: int, ports: list[tuple[int, int]]) -> str:
     text = CONF.read_text()
     text = text.replace("listen 127.0.0.1:8080;", f"listen 127.0.0.1:{listen};")
-    text = text.replace("server 127.0.0.1:8001 ", f"server 127.0.0.1:{ports[0]} ")
-    text = text.replace("server 127.0.0.1:8002 ", f"server 127.0.0.1:{ports[1]} ")
-    text = text.replace("keepalive_timeout 60s;", f"keepalive_timeout {NGINX_IDLE}s;")
-    assert text.count(str(ports[0])) == 1, "the shipped config changed: update the substitutions"
+    text = text.replace("listen 127.0.0.1:8081 http2;", f"listen 127.0.0.1:{listen_grpc} http2;")
+    for index, (http, grpc_port) in enumerate(ports):
+        text = text.replace(f"server 127.0.0.1:800{index + 1} ", f"server 127.0.0.1:{http} ")
+        text = text.replace(f"server 127.0.0.1:900{index + 1} ", f"server 127.0.0.1:{grpc_port} ")
+    text = text.replace("keepalive_timeout 60s;", f"keepalive_timeout {NGINX_IDLE}s;", 1)  # the HTTP upstream's
+    for port in (listen, listen_grpc, *(port for pair in ports for port in pair)):
+        assert text.count(f":{port}") == 1, "the shipped config changed: update the substitutions"
     assert text.count(f"keepalive_timeout {NGINX_IDLE}s;") == 1, "the shipped config changed"
     return text
 
@@ -83,19 +96,19 @@ def proxy(tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureReque
     """nginx in front of two replicas, each with one worker, then each with two."""
     settings = REPLICA | {"workers": request.param}
     workdir = tmp_path_factory.mktemp("nginx")
-    ports = [free_port(), free_port()]
-    listen = free_port()
-    (workdir / "nginx.conf").write_text(_config(listen, ports))
+    ports = [(free_port(), free_port()), (free_port(), free_port())]
+    listen, listen_grpc = free_port(), free_port()
+    (workdir / "nginx.conf").write_text(_config(listen, listen_grpc, ports))
     error_log = workdir / "error.log"
-    replicas = [start_server(SERVE, port=port, **settings) for port in ports]
     main = f"pid {workdir / 'nginx.pid'}; error_log {error_log} info; daemon off;"
     nginx = subprocess.Popen(
         [NGINX, "-p", str(workdir), "-c", str(workdir / "nginx.conf"), "-g", main],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    proxy = Proxy(f"http://127.0.0.1:{listen}", error_log, replicas, ports, settings)
+    proxy = Proxy(f"http://127.0.0.1:{listen}", f"127.0.0.1:{listen_grpc}", error_log, [], ports, settings)
     try:
+        proxy.replicas.extend(proxy.start(index) for index in range(2))
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -209,3 +222,45 @@ def test_the_docs_work_in_a_browser_under_the_prefix(proxy: Proxy) -> None:
             assert failed == []
         finally:
             browser.close()
+
+
+def test_grpc_through_nginx_gives_rests_numbers_the_services_statuses_and_health(proxy: Proxy) -> None:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.api.grpc import inference_pb2 as pb
+    from service.api.grpc import inference_pb2_grpc as stubs
+
+    rows = np.array([[0, 1, 1, 0, 1]], dtype="<i4")
+    with grpc.insecure_channel(proxy.grpc) as channel:
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        stub = stubs.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="vae")
+        request.inputs.add(name="input", datatype="INT32", shape=rows.shape)
+        request.raw_input_contents.append(rows.tobytes())
+        request.parameters["seed"].int64_param = 7
+        reply = stub.ModelInfer(request, timeout=10)
+        z = dict(zip((o.name for o in reply.outputs), reply.raw_output_contents, strict=True))["z"]
+        rest = httpx.post(f"{proxy.url}/api/v1/vae/encode", json=ROW | {"seed": 7}).json()
+        assert np.frombuffer(z, dtype="<f8").tolist() == np.ravel(rest["z"]).tolist()
+        request.model_name = "nope"
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "nope" in str(refused.value.details())
+
+
+def test_a_rolling_restart_under_grpc_load_through_nginx_fails_no_call(proxy: Proxy) -> None:
+    """Clients on one channel to nginx, with no retry policy: nginx finds a replica for each call."""
+    from service.api.grpc import inference_pb2_grpc as stubs
+    from tests.system.test_grpc_rolling import caller
+
+    with grpc.insecure_channel(proxy.grpc) as channel, Load(caller(stubs.GRPCInferenceServiceStub(channel))) as load:
+        time.sleep(1)
+        for index in (0, 1, 0):
+            proxy.restart(index)
+            time.sleep(0.5)
+        time.sleep(1)
+    assert set(load.outcomes) == {"OK"}, (load.outcomes, proxy.upstream_errors())
+    assert load.outcomes["OK"] > 200
+    assert proxy.upstream_errors() == []
