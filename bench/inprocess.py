@@ -15,7 +15,6 @@ bench/paired.py. The access log goes to /dev/null. Needs taskset (util-linux) an
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import json
 import os
@@ -28,8 +27,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from paired import export
-from run import ROOT, workloads
+from paired import chosen, comparison, export
+from run import ROOT
 
 
 async def _calls(path: str, body: bytes, start: float, duration: float) -> int:
@@ -89,21 +88,8 @@ def worker() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="HEAD", help="the git ref to compare the working tree with")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=float, default=4, help="seconds of calls a round")
-    parser.add_argument("--workload", default="A", help="one of bench/run.py's workloads")
-    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the working tree's app")
-    parser.add_argument("--path", help="the working tree's path, in place of the workload's")
-    args = parser.parse_args()
-    for tool in ("taskset", "git"):
-        if not shutil.which(tool):
-            raise SystemExit(f"{tool} is missing: apt-get install util-linux git")
-    work = next((w for w in workloads() if w.name == args.workload), None)
-    if work is None:
-        raise SystemExit(f"no workload {args.workload!r}")
-    extra = dict(item.split("=", 1) for item in args.env)
+    args = comparison(__doc__, "app").parse_args()
+    work, extra = chosen(args, {"taskset": "util-linux", "git": "git"})
     tmp = Path(tempfile.mkdtemp(prefix="inprocess-"))
     try:
         base = export(args.base, tmp)
@@ -120,8 +106,9 @@ def main() -> None:
                 path = args.path or work.path if tree is ROOT else work.path
                 command = [sys.executable, __file__, "--worker", path, str(body), str(start), str(args.duration)]
                 pinned = ["taskset", "-c", "0", *command]
-                quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.PIPE}
-                runs[tree] = subprocess.Popen(pinned, cwd=tree, env=env, **quiet)
+                runs[tree] = subprocess.Popen(
+                    pinned, cwd=tree, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+                )
             counts = {}
             for tree, run in runs.items():
                 _, errors = run.communicate()

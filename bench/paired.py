@@ -39,7 +39,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from run import LUA, ROOT, Server, _free_port, launch, workloads, wrk
+from run import LUA, ROOT, Server, Workload, _free_port, launch, workloads, wrk
 
 
 def export(ref: str, into: Path) -> Path:
@@ -101,26 +101,40 @@ def sink() -> str:
     return f"http://127.0.0.1:{server.server_address[1]}"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def comparison(doc: str | None, what: str) -> argparse.ArgumentParser:
+    """The options of a comparison of the working tree with a ref (this one, bench/inprocess.py):
+    which ref, how many rounds of how long, which workload, and the working tree's `what` (its
+    service, its app) run with other variables or asked at another path."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--base", default="HEAD", help="the git ref to compare the working tree with")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--duration", type=int, default=4, help="seconds of load a round")
+    parser.add_argument("--duration", type=int, default=4, help="seconds a round")
     parser.add_argument("--workload", default="A", help="one of bench/run.py's workloads")
-    parser.add_argument("--env", action="append", default=[], help="NAME=VALUE for the working tree's service")
-    parser.add_argument("--collector", action="store_true", help="an OTLP sink for the working tree's traces")
-    parser.add_argument("--header", action="append", default=[], help="NAME:VALUE sent with every request")
+    parser.add_argument("--env", action="append", default=[], help=f"NAME=VALUE for the working tree's {what}")
     parser.add_argument("--path", help="the working tree's path, in place of the workload's")
-    args = parser.parse_args()
-    extra = dict(item.split("=", 1) for item in args.env)
-    if args.collector:
-        extra |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink()}
-    for tool in ("wrk", "taskset", "git"):
+    return parser
+
+
+def chosen(args: argparse.Namespace, tools: dict[str, str]) -> tuple[Workload, dict[str, str]]:
+    """The workload asked for and the working tree's variables, once the `tools` (command: Debian
+    package) are there."""
+    for tool, package in tools.items():
         if not shutil.which(tool):
-            raise SystemExit(f"{tool} is missing: apt-get install wrk util-linux git")
+            raise SystemExit(f"{tool} is missing: apt-get install {package}")
     work = next((w for w in workloads() if w.name == args.workload), None)
     if work is None:
         raise SystemExit(f"no workload {args.workload!r}")
+    return work, dict(item.split("=", 1) for item in args.env)
+
+
+def main() -> None:
+    parser = comparison(__doc__, "service")
+    parser.add_argument("--collector", action="store_true", help="an OTLP sink for the working tree's traces")
+    parser.add_argument("--header", action="append", default=[], help="NAME:VALUE sent with every request")
+    args = parser.parse_args()
+    work, extra = chosen(args, {"wrk": "wrk", "taskset": "util-linux", "git": "git"})
+    if args.collector:
+        extra |= {"OTEL_TRACES_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_ENDPOINT": sink()}
     tmp = Path(tempfile.mkdtemp(prefix="paired-"))
     try:
         base = export(args.base, tmp)
