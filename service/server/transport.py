@@ -295,8 +295,7 @@ class Connection(asyncio.Protocol):
         if self.gone or self.transport is None or self.transport.is_closing():
             self._noticed()
             return noticed
-        self.flush()
-        self.transport.write(GoAwayFrame(stream_id=0, last_stream_id=GOING, error_code=0).serialize())
+        self._goaway(GOING)
         try:
             self.h2.ping(NOTICE_PING)
         except h2.exceptions.ProtocolError:  # the client has closed its side (its own GOAWAY)
@@ -315,12 +314,15 @@ class Connection(asyncio.Protocol):
         if self.gone:
             return
         self.gone = True
-        self.flush()
-        if self.transport is not None and not self.transport.is_closing():
-            frame = GoAwayFrame(stream_id=0, last_stream_id=self.h2.highest_inbound_stream_id, error_code=0)
-            self.transport.write(frame.serialize())
+        self._goaway(self.h2.highest_inbound_stream_id)
         if not self.calls:
             self.close()
+
+    def _goaway(self, last_stream_id: int) -> None:
+        """A GOAWAY frame after what h2 has queued, written here, not by h2 (go_away says why)."""
+        self.flush()
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(GoAwayFrame(stream_id=0, last_stream_id=last_stream_id, error_code=0).serialize())
 
     def close(self) -> None:
         for call in list(self.calls.values()):
