@@ -213,11 +213,7 @@ class Core:
         drawn = self.draw_seed(seed) if kind.sampled else None
         if (span := TRACE.get()) is not None:  # a sampled request's (traces on)
             traced(span, rows, samples if kind.sampled else 0, seed)
-        seed_of_eps = 0 if drawn is None else drawn
-        if expired is None:  # REST: no deadline, one call (a one-row request's path, kept short)
-            arrays = kind.compute(served.model, x, samples, seed_of_eps)
-        else:
-            arrays = compute(kind, served.model, x, samples, seed_of_eps, expired)
+        arrays = compute(kind, served.model, x, samples, 0 if drawn is None else drawn, expired)
         self.metrics.encoded(served, kind.name, rows, rows * samples if kind.sampled else 0)
         return arrays, drawn
 
