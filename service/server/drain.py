@@ -4,14 +4,10 @@ SIGTERM that loses no request that reached it (DrainingServer)."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ctypes
 import functools
 import logging
-import os
 import signal
 import socket
-import struct
 import time
 from dataclasses import dataclass
 from types import FrameType
@@ -20,11 +16,11 @@ from typing import Any
 import uvicorn
 
 from service.server.flags import DRAINING
+from service.server.listening import close_listening
 
 logger = logging.getLogger("uvicorn.error")
 
 STARTUP_FAILURE = 3  # uvicorn's exit status when the app cannot start
-SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
 
 
 @dataclass(frozen=True)
@@ -42,35 +38,6 @@ class GrpcOptions:
 
 GrpcAddress = GrpcOptions | None
 IN_FLIGHT = 30  # seconds the server gives requests in flight to finish once it stops (after the drain)
-# Seconds between the two looks at a listening socket's queue before it closes: a client whose
-# SYN was answered just before refuse_handshakes completes its handshake within a round trip, and
-# is accepted at the second look instead of reset by the close.
-STRAGGLERS = 0.01
-
-
-# A classic BPF program, run by the kernel on each packet that reaches the listening socket, from
-# its TCP header on: a SYN (a new handshake) is dropped, anything else kept whole, so that a
-# handshake already answered completes, and its request arrives, into the queue that is accepted.
-TCP_SYN = 0x02
-DROP_SYN = (
-    (0x30, 0, 0, 13),  # ldb [13]: the TCP header's flags
-    (0x45, 0, 1, TCP_SYN),  # jset #SYN: a new handshake ...
-    (0x06, 0, 0, 0),  # ret #0: ... is dropped
-    (0x06, 0, 0, 0xFFFFFFFF),  # ret #-1: a handshake's last ACK, data: kept
-)
-
-
-def refuse_handshakes(listener: socket.socket) -> None:
-    """Have the kernel drop every SYN that reaches a listening socket from now on (a socket
-    filter), so that no new handshake starts into its queue while the queue is accepted and the
-    socket closed: a connection that completed in between would be reset. A client whose SYN is
-    dropped sends it again a second later and finds the socket closed: refused, which a client or
-    balancer retries elsewhere. A handshake the socket answered before completes as usual (its last
-    ACK is kept), and is accepted with the queue (STRAGGLERS). Linux only; elsewhere, nothing."""
-    program = ctypes.create_string_buffer(b"".join(struct.pack("HBBI", *op) for op in DROP_SYN))
-    fprog = struct.pack("HL", len(DROP_SYN), ctypes.addressof(program))  # struct sock_fprog {len, *filter}
-    with contextlib.suppress(OSError, AttributeError):
-        listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
 class DrainingServer(uvicorn.Server):
@@ -155,15 +122,14 @@ class DrainingServer(uvicorn.Server):
         await super().shutdown(sockets)
 
     async def _serve_backlog(self) -> None:
-        """Stop listening without resetting the connections queued in the listening sockets: keep a
-        duplicate of each while the servers close, accept what is queued on it, then close it."""
-        listeners = [
-            socket.socket(fileno=os.dup(sock.fileno())) for server in self.servers for sock in server.sockets or ()
-        ]
-        for listener in listeners:
-            refuse_handshakes(listener)
-        for server in self.servers:
-            server.close()
+        """Stop listening without resetting the connections queued in the listening sockets
+        (service.server.listening): what is queued is accepted and served, as uvicorn's startup
+        serves each connection."""
+
+        def close() -> None:
+            for server in self.servers:
+                server.close()
+
         loop = asyncio.get_running_loop()
         protocol = functools.partial(  # as uvicorn's startup makes each connection's protocol
             self.config.http_protocol_class,  # type: ignore[call-arg]
@@ -171,23 +137,8 @@ class DrainingServer(uvicorn.Server):
             server_state=self.server_state,
             app_state=self.lifespan.state,
         )
-        accepted = 0
-        for listener in listeners:
-            listener.setblocking(False)
-        for look in range(2):
-            if look:  # a handshake under way as the filter went on completes within a round trip
-                await asyncio.sleep(STRAGGLERS)
-            for listener in listeners:
-                while True:
-                    try:
-                        connection, _ = listener.accept()
-                    except (BlockingIOError, InterruptedError):
-                        break
-                    connection.setblocking(False)
-                    await loop.connect_accepted_socket(protocol, connection)
-                    accepted += 1
-        for listener in listeners:
-            listener.close()
+        sockets = [sock for server in self.servers for sock in server.sockets or ()]
+        accepted = await close_listening(sockets, close, lambda c: loop.connect_accepted_socket(protocol, c))
         if accepted:
             logger.info("Accepted %d queued connection(s) before closing the listening sockets", accepted)
 

@@ -38,6 +38,8 @@ import h2.settings
 from grpc import RpcMethodHandler, StatusCode
 from hyperframe.frame import GoAwayFrame
 
+from service.server.listening import close_listening
+
 logger = logging.getLogger("uvicorn.error")
 
 WINDOW = 16 * 1024 * 1024  # bytes a client may send ahead, per connection and per stream
@@ -132,9 +134,21 @@ class Server:
     async def stop(self, grace: float) -> None:
         """Take no new connection or call (GOAWAY: clients move to another server); let those in
         flight finish for `grace` seconds, then end them, CANCELLED, and close every connection."""
+        loop = asyncio.get_running_loop()
+        sockets = [sock for listener in self.listeners for sock in listener.sockets]
+
+        def close() -> None:
+            for listener in self.listeners:
+                listener.close()
+
+        async def serve(connection: socket.socket) -> None:
+            await loop.connect_accepted_socket(lambda: Connection(self), connection)
+
+        # What is queued in the listening sockets is accepted (a close would reset it: nginx has
+        # sent its call, and cannot retry it), then told to go away as the open connections are.
+        if accepted := await close_listening(sockets, close, serve):
+            logger.info("gRPC: accepted %d queued connection(s) before closing the listening sockets", accepted)
         self.closing = True
-        for listener in self.listeners:
-            listener.close()
         notices = [connection.notice() for connection in list(self.connections)]
         if notices:
             await asyncio.wait(notices, timeout=min(NOTICE, grace))

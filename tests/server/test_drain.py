@@ -332,7 +332,7 @@ def test_a_handshake_answered_before_the_listener_refuses_completes_into_its_que
     did) left the client to be reset once the socket closed. TCP_DEFER_ACCEPT holds the handshake
     half-done in the kernel until the request's first bytes come, so they are what crosses the
     filter here, deterministically."""
-    from service.server.drain import refuse_handshakes
+    from service.server.listening import refuse_handshakes
 
     with socket.socket() as listener:
         listener.setsockopt(socket.IPPROTO_TCP, socket.TCP_DEFER_ACCEPT, 10)
@@ -348,7 +348,7 @@ def test_a_handshake_answered_before_the_listener_refuses_completes_into_its_que
 
 
 def test_a_listener_that_refuses_handshakes_still_hands_over_its_queue() -> None:
-    from service.server.drain import refuse_handshakes
+    from service.server.listening import refuse_handshakes
 
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

@@ -387,3 +387,34 @@ def test_stop_says_goaway_twice_and_serves_the_calls_sent_between() -> None:
         server.loop.call_soon_threadsafe(server.loop.stop)
         server.thread.join(5)
         server.loop.close()
+
+
+def test_a_connection_queued_in_the_listening_socket_at_the_stop_is_served() -> None:
+    """A client whose connection the kernel has completed, but the server not yet accepted, when
+    the stop begins: its call (already sent, as nginx sends one on a new connection) is answered.
+    Closing the listening socket at once reset it: nginx said "connection reset by peer", and its
+    grpc_pass cannot send a call whose body it has streamed to another replica."""
+    server = Running()
+
+    async def queue_then_stop() -> tuple[Frames, asyncio.Task[None]]:
+        # On the server's loop, which accepts nothing until this step ends: the connection is
+        # made in the kernel's queue, its call sent, and the stop begun before any accept.
+        client = Frames(server.port)
+        client.sock.sendall(client.call(1, "/test.T/echo", b"queued"))
+        return client, asyncio.ensure_future(server.server.stop(5))
+
+    client, stopped = server.run(queue_then_stop())
+    try:
+        seen: list[Any] = []
+        while not any(isinstance(f, HeadersFrame) and "grpc-status" in f.decoded for f in seen):
+            seen += client.read()
+        trailers = [f.decoded for f in seen if isinstance(f, HeadersFrame) and f.stream_id == 1]
+        assert {"grpc-status": "0"}.items() <= trailers[-1].items()
+        data = b"".join(f.data for f in seen if isinstance(f, DataFrame) and f.stream_id == 1)
+        assert data[5:] == b"queued"
+        server.run(asyncio.wait_for(asyncio.shield(stopped), 10))
+    finally:
+        client.sock.close()
+        server.loop.call_soon_threadsafe(server.loop.stop)
+        server.thread.join(5)
+        server.loop.close()
