@@ -125,11 +125,6 @@ class DrainingServer(uvicorn.Server):
         """Stop listening without resetting the connections queued in the listening sockets
         (service.server.listening): what is queued is accepted and served, as uvicorn's startup
         serves each connection."""
-
-        def close() -> None:
-            for server in self.servers:
-                server.close()
-
         loop = asyncio.get_running_loop()
         protocol = functools.partial(  # as uvicorn's startup makes each connection's protocol
             self.config.http_protocol_class,  # type: ignore[call-arg]
@@ -137,8 +132,7 @@ class DrainingServer(uvicorn.Server):
             server_state=self.server_state,
             app_state=self.lifespan.state,
         )
-        sockets = [sock for server in self.servers for sock in server.sockets or ()]
-        accepted = await close_listening(sockets, close, lambda c: loop.connect_accepted_socket(protocol, c))
+        accepted = await close_listening(self.servers, lambda c: loop.connect_accepted_socket(protocol, c))
         if accepted:
             logger.info("Accepted %d queued connection(s) before closing the listening sockets", accepted)
 

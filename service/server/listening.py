@@ -16,7 +16,7 @@ import ctypes
 import os
 import socket
 import struct
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 SO_ATTACH_FILTER = 26  # Linux's socket option for a classic BPF filter
@@ -50,18 +50,17 @@ def refuse_handshakes(listener: socket.socket) -> None:
         listener.setsockopt(socket.SOL_SOCKET, SO_ATTACH_FILTER, fprog)
 
 
-async def close_listening(
-    sockets: Iterable[Any], close: Callable[[], None], serve: Callable[[socket.socket], Awaitable[Any]]
-) -> int:
-    """Stop listening on `sockets` (the servers' own; `close()` closes the servers) without
-    resetting the connections queued in them: keep a duplicate of each, refuse new handshakes on
-    it, close the servers, accept what is queued (twice, STRAGGLERS apart) and hand each connection
-    to `serve`, then close the duplicates. How many connections were accepted."""
-    listeners = [socket.socket(fileno=os.dup(sock.fileno())) for sock in sockets]
+async def close_listening(servers: Sequence[asyncio.Server], serve: Callable[[socket.socket], Awaitable[Any]]) -> int:
+    """Close `servers` without resetting the connections queued in their listening sockets: keep
+    a duplicate of each socket, refuse new handshakes on it, close the servers, accept what is
+    queued (twice, STRAGGLERS apart) and hand each connection to `serve`, then close the
+    duplicates. How many connections were accepted."""
+    listeners = [socket.socket(fileno=os.dup(sock.fileno())) for server in servers for sock in server.sockets]
     for listener in listeners:
         refuse_handshakes(listener)
         listener.setblocking(False)
-    close()
+    for server in servers:
+        server.close()
     accepted = 0
     for look in range(2):
         if look:  # a handshake under way as the filter went on completes within a round trip

@@ -135,18 +135,13 @@ class Server:
         """Take no new connection or call (GOAWAY: clients move to another server); let those in
         flight finish for `grace` seconds, then end them, CANCELLED, and close every connection."""
         loop = asyncio.get_running_loop()
-        sockets = [sock for listener in self.listeners for sock in listener.sockets]
-
-        def close() -> None:
-            for listener in self.listeners:
-                listener.close()
 
         async def serve(connection: socket.socket) -> None:
             await loop.connect_accepted_socket(lambda: Connection(self), connection)
 
         # What is queued in the listening sockets is accepted (a close would reset it: nginx has
         # sent its call, and cannot retry it), then told to go away as the open connections are.
-        if accepted := await close_listening(sockets, close, serve):
+        if accepted := await close_listening(self.listeners, serve):
             logger.info("gRPC: accepted %d queued connection(s) before closing the listening sockets", accepted)
         self.closing = True
         notices = [connection.notice() for connection in list(self.connections)]
