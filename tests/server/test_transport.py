@@ -99,6 +99,10 @@ class Running:
 
     def close(self) -> None:
         self.run(self.server.stop(0))
+        self.halt()
+
+    def halt(self) -> None:
+        """End the event loop and its thread (a test that stopped the server itself)."""
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(5)
         self.loop.close()
@@ -225,9 +229,7 @@ def test_stop_finishes_calls_in_flight_and_takes_no_new_ones() -> None:
             code, _ = status(channel, "echo", b"late", timeout=2)
             assert code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
     finally:
-        server.loop.call_soon_threadsafe(server.loop.stop)
-        server.thread.join(5)
-        server.loop.close()
+        server.halt()
 
 
 def raw_call(port: int, headers: list[tuple[str, str]], body: bytes = b"", method: str = "POST") -> dict[str, str]:
@@ -331,6 +333,12 @@ class Frames:
         data = DataFrame(stream_id, b"\0" + len(message).to_bytes(4, "big") + message, flags=["END_STREAM"])
         return bytes(head.serialize() + data.serialize())
 
+    def answer(self, stream_id: int, seen: list[Any]) -> tuple[dict[str, str], bytes]:
+        """A stream's trailers and message (without its 5-byte prefix), among the frames `seen`."""
+        trailers = [f.decoded for f in seen if isinstance(f, HeadersFrame) and f.stream_id == stream_id]
+        data = b"".join(f.data for f in seen if isinstance(f, DataFrame) and f.stream_id == stream_id)
+        return trailers[-1], data[5:]
+
     def read(self) -> list[Any]:
         """The next frames the server sent (a SETTINGS frame is acknowledged)."""
         while True:
@@ -376,17 +384,14 @@ def test_stop_says_goaway_twice_and_serves_the_calls_sent_between() -> None:
         seen = []
         while not any(isinstance(f, GoAwayFrame) for f in seen):
             seen += client.read()
-        trailers = [f.decoded for f in seen if isinstance(f, HeadersFrame) and f.stream_id == 3]
-        assert {"grpc-status": "0"}.items() <= trailers[-1].items()
-        data = b"".join(f.data for f in seen if isinstance(f, DataFrame) and f.stream_id == 3)
-        assert data[5:] == b"between"
+        trailers, message = client.answer(3, seen)
+        assert {"grpc-status": "0"}.items() <= trailers.items()
+        assert message == b"between"
         assert next(f for f in seen if isinstance(f, GoAwayFrame)).last_stream_id == 3
         stopped.result(timeout=10)
     finally:
         client.sock.close()
-        server.loop.call_soon_threadsafe(server.loop.stop)
-        server.thread.join(5)
-        server.loop.close()
+        server.halt()
 
 
 def test_a_connection_queued_in_the_listening_socket_at_the_stop_is_served() -> None:
@@ -408,13 +413,10 @@ def test_a_connection_queued_in_the_listening_socket_at_the_stop_is_served() -> 
         seen: list[Any] = []
         while not any(isinstance(f, HeadersFrame) and "grpc-status" in f.decoded for f in seen):
             seen += client.read()
-        trailers = [f.decoded for f in seen if isinstance(f, HeadersFrame) and f.stream_id == 1]
-        assert {"grpc-status": "0"}.items() <= trailers[-1].items()
-        data = b"".join(f.data for f in seen if isinstance(f, DataFrame) and f.stream_id == 1)
-        assert data[5:] == b"queued"
+        trailers, message = client.answer(1, seen)
+        assert {"grpc-status": "0"}.items() <= trailers.items()
+        assert message == b"queued"
         server.run(asyncio.wait_for(asyncio.shield(stopped), 10))
     finally:
         client.sock.close()
-        server.loop.call_soon_threadsafe(server.loop.stop)
-        server.thread.join(5)
-        server.loop.close()
+        server.halt()
